@@ -1,0 +1,241 @@
+"""What the torch and Keras exporters share: the numerical check, batch-axis checks, naming, atomic saving.
+
+An export is accepted only when ONNX Runtime (CPU) reproduces the framework's outputs on the example inputs
+and on a batch of a different size (which proves the batch axis is really dynamic), within
+``|onnx - framework| <= atol + rtol * |framework|`` elementwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from onnxshap.errors import ExportError
+
+# The newest IR version onnxruntime 1.20-1.31 loads; exporters may write newer ones.
+MAX_IR_VERSION = 10
+
+BATCH_DIM = "batch"
+
+
+def require(module: str, extra: str):
+    """Import a framework module, or raise an ExportError naming the pip extra that installs it.
+
+    Args:
+        module: the module to import, e.g. ``"torch"``.
+        extra: the onnxshap extra that provides it, e.g. ``"torch"`` or ``"tf"``.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ExportError(
+            f"exporting needs the Python package {module!r}, which is not installed: "
+            f"pip install onnxshap[{extra}]\n  ({exc})"
+        ) from exc
+
+
+def default_names(prefix: str, count: int) -> list[str]:
+    """``[prefix]`` for one tensor, else ``[prefix_0, prefix_1, ...]``."""
+    return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
+
+
+def check_names(names: Sequence[str] | None, count: int, what: str) -> list[str]:
+    """The given tensor names, or defaults, after checking there is one per tensor."""
+    if names is None:
+        return default_names(what, count)
+    names = list(names)
+    if len(names) != count or len(set(names)) != count:
+        raise ExportError(
+            f"{what}_names must hold {count} distinct name(s), one per model {what}; got {names!r}"
+        )
+    return names
+
+
+def grow_batch(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The same rows plus a repeat of the first row, so the batch size differs from the example's."""
+    return [a if a.ndim == 0 else np.concatenate([a, a[:1]], axis=0) for a in arrays]
+
+
+def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model with ONNX Runtime on CPU; feeds the model does not take are left out."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+
+
+def compare_outputs(
+    got: Sequence[np.ndarray],
+    expected: Sequence[np.ndarray],
+    names: Sequence[str],
+    *,
+    rtol: float,
+    atol: float,
+    framework: str,
+    context: str,
+) -> None:
+    """Raise ExportError unless every ONNX output matches the framework's within tolerance.
+
+    Args:
+        got: outputs of the ONNX model, in graph-output order.
+        expected: the framework's outputs for the same inputs.
+        names: the ONNX output names.
+        rtol: relative tolerance.
+        atol: absolute tolerance.
+        framework: ``"torch"`` or ``"keras"``, for the message.
+        context: what was run (e.g. ``"example inputs, batch 16"``), for the message.
+    """
+    if len(got) != len(expected):
+        raise ExportError(
+            f"export check failed: the ONNX model has {len(got)} output(s), {framework} returned "
+            f"{len(expected)}\n  inputs: {context}"
+        )
+    for name, g, e in zip(names, got, expected):
+        g = np.asarray(g)
+        e = np.asarray(e)
+        if g.shape != e.shape:
+            raise ExportError(
+                f"export check failed: output {name!r} has shape {g.shape} in ONNX but {e.shape} in "
+                f"{framework}\n  inputs: {context}"
+            )
+        g64 = g.astype(np.float64)
+        e64 = e.astype(np.float64)
+        if not np.array_equal(np.isnan(g64), np.isnan(e64)):
+            raise ExportError(
+                f"export check failed: output {name!r} has NaN where {framework} has none (or the reverse)"
+                f"\n  inputs: {context}"
+            )
+        diff = np.abs(np.nan_to_num(g64) - np.nan_to_num(e64))
+        bound = atol + rtol * np.abs(np.nan_to_num(e64))
+        if diff.size and np.any(diff > bound):
+            worst = np.unravel_index(int(np.argmax(diff - bound)), diff.shape)
+            raise ExportError(
+                f"export check failed: output {name!r} differs from {framework} by max abs "
+                f"{diff.max():.3g} (tolerance atol={atol:g} + rtol={rtol:g}*|{framework}|)\n"
+                f"  inputs: {context}\n"
+                f"  worst element {tuple(int(i) for i in worst)}: onnx {g64[worst]:.7g}, "
+                f"{framework} {e64[worst]:.7g}"
+            )
+
+
+def name_batch_axis(model: onnx.ModelProto) -> None:
+    """Name the symbolic first axis of every graph input and output ``batch``; raise if one is fixed.
+
+    Raises:
+        ExportError: an input's first axis has a fixed size, so the model cannot take other batch sizes.
+    """
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for value in values:
+            if value.name in initializers or not value.type.HasField("tensor_type"):
+                continue
+            tensor_type = value.type.tensor_type
+            if not tensor_type.HasField("shape") or not tensor_type.shape.dim:
+                continue
+            dim = tensor_type.shape.dim[0]
+            if dim.HasField("dim_value"):
+                if kind == "input":
+                    raise ExportError(
+                        f"export check failed: input {value.name!r} has a fixed batch size {dim.dim_value}; "
+                        "the exporter did not keep the batch axis dynamic"
+                    )
+                continue
+            dim.dim_param = BATCH_DIM
+
+
+def cap_ir_version(model: onnx.ModelProto) -> None:
+    """Lower ``ir_version`` to one the supported onnxruntime versions load."""
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+
+
+def rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Rename the graph outputs (in order) to ``names``, updating every node that reads or writes them.
+
+    A different tensor already called by one of the new names is renamed out of the way first.
+    """
+    graph = model.graph
+    old = [o.name for o in graph.output]
+    mapping = {o: n for o, n in zip(old, names) if o != n}
+    if not mapping:
+        return
+    taken = _all_names(graph)
+    for new in mapping.values():
+        if new in taken and new not in mapping:
+            spare = _fresh(new, taken)
+            taken.add(spare)
+            _rename(graph, new, spare)
+    for o, n in mapping.items():
+        _rename(graph, o, n)
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.output)
+    return names
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    k = 0
+    while f"{base}__{k}" in taken:
+        k += 1
+    return f"{base}__{k}"
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename one tensor throughout a graph (subgraphs that read it by name included)."""
+    for collection in (graph.input, graph.output, graph.value_info):
+        for value in collection:
+            if value.name == old:
+                value.name = new
+    for tensor in graph.initializer:
+        if tensor.name == old:
+            tensor.name = new
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs:
+                _rename(sub, old, new)
+
+
+def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write a model to ``path`` through a temporary file in the same folder, then ``os.replace``.
+
+    The file gets the permissions a plain ``open(path, "wb")`` would give (0o666 minus the umask).
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def finish(model: onnx.ModelProto, path: str | os.PathLike | None) -> onnx.ModelProto:
+    """Cap the IR version, check the model, and write it to ``path`` when given."""
+    cap_ir_version(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"the exported model is not valid ONNX: {first}") from exc
+    if path is not None:
+        save_atomic(model, path)
+    return model

@@ -1,0 +1,242 @@
+"""PyTorch → ONNX with ``torch.onnx``, checked against the module's own outputs.
+
+Two exporters exist in torch ≥ 2.5: the TorchScript tracer (``dynamo=False``; deprecated since torch 2.9
+but still present) and the ``torch.export``-based one (``dynamo=True``). ``exporter="auto"`` tries the
+TorchScript tracer first: it takes ~0.1 s where the dynamo exporter takes seconds, writes the requested
+opset directly (the dynamo exporter writes opset 18 and converts down) and emits one ``LSTM``/``GRU`` node
+per recurrent layer. When it fails, or its export does not reproduce the module, the dynamo exporter is
+tried. Whichever is used, the result is accepted only if ONNX Runtime reproduces the module's outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from converters import _common
+from onnxshap.errors import ExportError
+
+EXPORTERS = ("auto", "torchscript", "dynamo")
+
+
+def export_torch(
+    module: Any,
+    example_inputs: Any,
+    path: str | os.PathLike | None = None,
+    *,
+    opset: int = 17,
+    exporter: str = "auto",
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> onnx.ModelProto:
+    """Export a ``torch.nn.Module`` to ONNX and check the export reproduces the module.
+
+    The module runs in eval mode during the export (its previous mode is restored afterwards). Every input
+    and output gets a dynamic first (batch) axis named ``batch`` unless ``dynamic_batch=False``. The
+    export is run with ONNX Runtime (CPU) on ``example_inputs`` and, with a dynamic batch, on the same rows
+    plus one more; each output must satisfy ``|onnx - torch| <= atol + rtol * |torch|``.
+
+    Args:
+        module: the ``torch.nn.Module`` to export.
+        example_inputs: one tensor/array, or a tuple/list of them (positional arguments of ``forward``),
+            each with the batch on axis 0. NumPy floating arrays are cast to the module's float dtype.
+        path: where to write the ``.onnx`` file (atomically); nothing is written when None.
+        opset: the ONNX opset to write.
+        exporter: ``"auto"`` (TorchScript tracer, then dynamo), ``"torchscript"`` or ``"dynamo"``.
+        input_names: ONNX input names; default ``input`` or ``input_0, input_1, ...``.
+        output_names: ONNX output names; default ``output`` or ``output_0, output_1, ...``.
+        dynamic_batch: make axis 0 of every input and output dynamic.
+        rtol: relative tolerance of the numerical check.
+        atol: absolute tolerance of the numerical check.
+
+    Returns:
+        The exported model, with ``ir_version`` at most 10.
+
+    Raises:
+        ExportError: torch is not installed, every exporter failed, or the export's outputs differ from the
+            module's (the first line names the output, the max abs difference and the tolerance).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> model = export_torch(net, torch.randn(8, 4), "net.onnx")
+    """
+    torch = _common.require("torch", "torch")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}; got {exporter!r}")
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError(f"export_torch needs a torch.nn.Module; got {type(module).__name__}")
+    was_training = module.training
+    module.eval()
+    try:
+        return _export_checked(
+            torch, module, example_inputs, path, opset=opset, exporter=exporter, input_names=input_names,
+            output_names=output_names, dynamic_batch=dynamic_batch, rtol=rtol, atol=atol,
+        )
+    finally:
+        module.train(was_training)
+
+
+def _export_checked(torch, module, example_inputs, path, *, opset, exporter, input_names, output_names,
+                    dynamic_batch, rtol, atol) -> onnx.ModelProto:
+    inputs = _as_tensors(torch, module, example_inputs)
+    expected = _run_module(torch, module, inputs)
+    input_names = _common.check_names(input_names, len(inputs), "input")
+    output_names = _common.check_names(output_names, len(expected), "output")
+    trace_inputs = _at_least_two_rows(torch, inputs) if dynamic_batch else inputs
+    order = ("torchscript", "dynamo") if exporter == "auto" else (exporter,)
+    failures: list[tuple[str, Exception]] = []
+    for name in order:
+        try:
+            model = _EXPORT[name](torch, module, trace_inputs, opset, input_names, output_names, dynamic_batch)
+        except Exception as exc:  # noqa: BLE001 - any exporter failure means "try the next one"
+            failures.append((name, exc))
+            continue
+        try:
+            _verify(torch, module, model, inputs, expected, input_names, output_names, dynamic_batch,
+                    rtol=rtol, atol=atol)
+        except ExportError as exc:
+            failures.append((name, exc))
+            continue
+        return _common.finish(model, path)
+    raise _combined_error(type(module).__name__, failures)
+
+
+def _as_tensors(torch, module, example_inputs) -> tuple:
+    """The example inputs as a tuple of tensors; NumPy floats take the module's float dtype."""
+    items = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not items:
+        raise ExportError("example_inputs is empty: give at least one tensor with the batch on axis 0")
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    tensors = []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            tensors.append(item.detach())
+            continue
+        array = np.asarray(item)
+        if array.dtype.kind == "f":
+            tensors.append(torch.from_numpy(np.ascontiguousarray(array)).to(dtype))
+        elif array.dtype.kind in "biu":
+            tensors.append(torch.from_numpy(np.ascontiguousarray(array)))
+        else:
+            raise ExportError(f"example input {len(tensors)} has dtype {array.dtype}; need numbers")
+    return tuple(tensors)
+
+
+def _run_module(torch, module, inputs) -> list[np.ndarray]:
+    """The module's outputs on ``inputs``, flattened to a list of arrays."""
+    with torch.no_grad():
+        out = module(*inputs)
+    flat = _flatten(out)
+    if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
+        raise ExportError(
+            f"{type(module).__name__}.forward must return a tensor or a tuple/list/dict of tensors; "
+            f"got {type(out).__name__}"
+        )
+    return [t.detach().cpu().numpy() for t in flat]
+
+
+def _flatten(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _flatten(item)]
+    if isinstance(out, dict):
+        return [t for item in out.values() for t in _flatten(item)]
+    return [out]
+
+
+def _at_least_two_rows(torch, inputs) -> tuple:
+    """Repeat a single-row example so tracing cannot specialise the batch size to 1."""
+    if all(t.ndim == 0 or t.shape[0] != 1 for t in inputs):
+        return inputs
+    return tuple(t if t.ndim == 0 else torch.cat([t, t], dim=0) for t in inputs)
+
+
+def _export_torchscript(torch, module, inputs, opset, input_names, output_names, dynamic_batch):
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {
+            name: {0: _common.BATCH_DIM} for name, t in zip(input_names, inputs) if t.ndim > 0
+        }
+        dynamic_axes.update({name: {0: _common.BATCH_DIM} for name in output_names})
+    buffer = io.BytesIO()
+    with _quiet(torch):
+        torch.onnx.export(
+            module, inputs, buffer, dynamo=False, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _export_dynamo(torch, module, inputs, opset, input_names, output_names, dynamic_batch):
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim(_common.BATCH_DIM)
+        dynamic_shapes = tuple({0: batch} if t.ndim > 0 else None for t in inputs)
+    with _quiet(torch):
+        program = torch.onnx.export(
+            module, inputs, dynamo=True, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
+        )
+    return program.model_proto
+
+
+_EXPORT = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
+
+
+@contextlib.contextmanager
+def _quiet(torch):
+    """Silence the exporters' deprecation warnings and progress logging for the duration."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _verify(torch, module, model, inputs, expected, input_names, output_names, dynamic_batch, *, rtol, atol):
+    """Compare the export with the module on the example inputs and, if dynamic, on one row more."""
+    if dynamic_batch:
+        _common.name_batch_axis(model)
+    _common.cap_ir_version(model)
+    arrays = [t.cpu().numpy() for t in inputs]
+    batch = next((a.shape[0] for a in arrays if a.ndim), 0)
+    got = _common.run_onnx(model, dict(zip(input_names, arrays)))
+    _common.compare_outputs(got, expected, output_names, rtol=rtol, atol=atol, framework="torch",
+                            context=f"example inputs, batch {batch}")
+    if dynamic_batch:
+        grown = _common.grow_batch(arrays)
+        expected_grown = _run_module(torch, module, tuple(torch.from_numpy(a) for a in grown))
+        got = _common.run_onnx(model, dict(zip(input_names, grown)))
+        _common.compare_outputs(got, expected_grown, output_names, rtol=rtol, atol=atol, framework="torch",
+                                context=f"example inputs plus one row, batch {batch + 1}")
+
+
+def _combined_error(module_name: str, failures: list[tuple[str, Exception]]) -> ExportError:
+    """One ExportError: a numerical mismatch if any exporter got that far, else the first export error."""
+    mismatches = [(n, e) for n, e in failures if isinstance(e, ExportError)]
+    lead_name, lead = (mismatches or failures)[0]
+    first, *rest = str(lead).splitlines() or [type(lead).__name__]
+    if not isinstance(lead, ExportError):
+        first = f"torch.onnx could not export {module_name}: {type(lead).__name__}: {first}"
+    lines = [first, *rest, f"  exporter: {lead_name}"]
+    for name, exc in failures:
+        if exc is not lead:
+            text = str(exc).strip().splitlines()
+            lines.append(f"  {name} exporter also failed: {type(exc).__name__}: {text[0] if text else ''}")
+    return ExportError("\n".join(lines))

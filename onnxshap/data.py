@@ -1,0 +1,101 @@
+"""Turn what users pass (numpy, torch tensors, pandas DataFrames, lists, dicts) into checked float32 feeds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from onnxshap.errors import InputDataError
+
+
+def to_numpy(array, what: str) -> np.ndarray:
+    """A numpy view of ``array`` (numpy, torch tensor, DataFrame, TF tensor, nested lists)."""
+    if hasattr(array, "detach") and hasattr(array, "cpu"):  # torch.Tensor, without importing torch
+        array = array.detach().cpu().numpy()
+    elif hasattr(array, "to_numpy"):  # pandas
+        array = array.to_numpy()
+    elif hasattr(array, "numpy") and not isinstance(array, np.ndarray):  # tf.Tensor
+        array = array.numpy()
+    try:
+        array = np.asarray(array)
+    except (TypeError, ValueError) as exc:
+        raise InputDataError(f"{what}: cannot read as an array: {exc}") from None
+    if array.dtype == object:
+        raise InputDataError(f"{what}: has dtype object (ragged or mixed data); pass a numeric array")
+    return array
+
+
+def feature_names_of(data) -> list[str] | None:
+    """Column names of a pandas DataFrame, else None."""
+    columns = getattr(data, "columns", None)
+    return [str(c) for c in columns] if columns is not None else None
+
+
+def as_feeds(data, input_names: Sequence[str], what: str) -> dict[str, np.ndarray]:
+    """Map ``data`` (one array, a list in input order, or a dict by name) to the named inputs."""
+    if isinstance(data, Mapping):
+        unknown = sorted(set(data) - set(input_names))
+        if unknown:
+            raise InputDataError(f"{what}: unknown input name(s) {', '.join(map(repr, unknown))}; "
+                                 f"the model's inputs are {', '.join(map(repr, input_names))}")
+        missing = [n for n in input_names if n not in data]
+        if missing:
+            raise InputDataError(f"{what}: missing input(s) {', '.join(map(repr, missing))}")
+        arrays = {name: to_numpy(data[name], f"{what} {name!r}") for name in input_names}
+    elif isinstance(data, (list, tuple)) and len(input_names) > 1:
+        if len(data) != len(input_names):
+            raise InputDataError(f"{what}: {len(data)} arrays for {len(input_names)} model inputs "
+                                 f"({', '.join(input_names)})")
+        arrays = {name: to_numpy(a, f"{what} {name!r}") for name, a in zip(input_names, data)}
+    else:
+        if len(input_names) != 1:
+            raise InputDataError(f"{what}: the model has {len(input_names)} inputs "
+                                 f"({', '.join(input_names)}); pass a list or a dict of arrays")
+        arrays = {input_names[0]: to_numpy(data, what)}
+    return arrays
+
+
+def check_feeds(arrays: dict[str, np.ndarray], expected: dict[str, tuple], dtypes: dict[str, np.dtype],
+                what: str) -> dict[str, np.ndarray]:
+    """Check rank, feature shape, dtype and finiteness; convert floats to the model's float type.
+
+    Args:
+        arrays: input name → array with a leading batch axis.
+        expected: input name → feature shape (dims after the batch; None for a dynamic dim).
+        dtypes: input name → the model's numpy dtype for that input.
+        what: how to name the data in messages ("data", "background").
+    """
+    checked = {}
+    rows = {name: a.shape[0] if a.ndim else None for name, a in arrays.items()}
+    for name, array in arrays.items():
+        shape = expected[name]
+        if array.ndim != len(shape) + 1:
+            raise InputDataError(
+                f"{what} for input {name!r} has shape {array.shape} (rank {array.ndim}); the model expects "
+                f"rank {len(shape) + 1}: (rows, {', '.join(str(d) if d else '?' for d in shape)})")
+        for axis, (got, want) in enumerate(zip(array.shape[1:], shape), start=1):
+            if want is not None and got != want:
+                raise InputDataError(
+                    f"{what} for input {name!r} has shape {array.shape}; axis {axis} should be {want} "
+                    f"(model input shape: (rows, {', '.join(str(d) if d else '?' for d in shape)}))")
+        if array.shape[0] == 0:
+            raise InputDataError(f"{what} for input {name!r} has no rows")
+        model_dtype = np.dtype(dtypes[name])
+        if np.issubdtype(model_dtype, np.floating):
+            if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+                raise InputDataError(f"{what} for input {name!r} has dtype {array.dtype}; expected numbers")
+            array = np.ascontiguousarray(array, dtype=model_dtype)
+            bad = ~np.isfinite(array)
+            if bad.any():
+                row = int(np.argwhere(bad)[0][0])
+                raise InputDataError(f"{what} for input {name!r} contains NaN or Inf (first at row {row})")
+        elif array.dtype != model_dtype:
+            if not np.can_cast(array.dtype, model_dtype, casting="same_kind"):
+                raise InputDataError(f"{what} for input {name!r} has dtype {array.dtype}; the model expects "
+                                     f"{model_dtype}")
+            array = np.ascontiguousarray(array, dtype=model_dtype)
+        checked[name] = array
+    if len(set(rows.values())) > 1:
+        raise InputDataError(f"{what}: inputs have different numbers of rows: {rows}")
+    return checked

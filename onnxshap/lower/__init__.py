@@ -1,0 +1,172 @@
+"""Lower a model to the primitive ops the rule table knows, and learn every tensor's static shape.
+
+Passes, in order (each documented in its module):
+
+1. inline local functions; make the explained inputs' batch axis dynamic;
+2. probe (``probe.py``): run the model on two small batches, read every tensor;
+3. fold batch-invariant shape plumbing into constants (``fold.py``);
+4. unroll ``Loop``/``Scan`` with a static trip count (``loops.py``) and ``LSTM``/``GRU``/``RNN``
+   (``recurrent.py``) over the sequence length of the data being explained;
+5. decompose composites (``composites.py``): Gemm, BatchNormalization, AveragePool, LayerNormalization, ...;
+6. probe again: the lowered graph's shapes and batch axes, which the sweep builds on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import InlinePass, NameFixPass
+
+from onnxshap.errors import UnsupportedModelError
+from onnxshap.lower.composites import decompose_composites
+from onnxshap.lower.fold import fold_batch_invariant
+from onnxshap.lower.probe import PROBE_BATCHES, batch_axis, probe_feeds, probe_twice, run_values
+
+BATCH = "batch"
+
+
+@dataclass
+class LoweredModel:
+    """A lowered forward model and what the probe learned about it.
+
+    Attributes:
+        model: the lowered model (primitive ops only, parameters constant).
+        opset: its default-domain opset.
+        shapes: static shape of every tensor at the first probe batch size, by name.
+        batch_axes: per tensor name, the batch axis, None (batch-independent) or "merged".
+        dtypes: numpy dtype of every tensor, by name.
+    """
+
+    model: ir.Model
+    opset: int
+    shapes: dict[str, tuple[int, ...]]
+    batch_axes: dict[str, int | None | str]
+    dtypes: dict[str, np.dtype]
+
+    def feature_shape(self, name: str) -> tuple[int, ...]:
+        """The shape with the batch axis dropped."""
+        shape, axis = self.shapes[name], self.batch_axes[name]
+        return tuple(d for i, d in enumerate(shape) if i != axis)
+
+
+def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredModel:
+    """Lower ``proto`` for data shaped like ``examples`` (input name → array with a leading batch axis)."""
+    model = ir.from_proto(proto)
+    InlinePass()(model)
+    NameFixPass()(model)
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    _relax_input_batch(model, examples)
+    probe_a, probe_b = _probe_relaxing_batch(model, examples)
+    _annotate(model, probe_a, probe_b)
+    fold_batch_invariant(model, probe_a, probe_b)
+    if _unroll(model):
+        probe_a, probe_b = probe_twice(model, examples)
+        _annotate(model, probe_a, probe_b)
+        fold_batch_invariant(model, probe_a, probe_b)
+    shapes = {name: array.shape for name, array in probe_a.items()}
+    for value in model.graph.inputs:
+        shapes[value.name] = examples[value.name][:PROBE_BATCHES[0]].shape
+    if decompose_composites(model, shapes, opset):
+        probe_a, probe_b = probe_twice(model, examples)
+        fold_batch_invariant(model, probe_a, probe_b)
+    probe_a, probe_b = probe_twice(model, examples)
+    for value in model.graph.inputs:
+        probe_a[value.name] = probe_feeds(examples, PROBE_BATCHES[0])[value.name]
+        probe_b[value.name] = probe_feeds(examples, PROBE_BATCHES[1])[value.name]
+    for init in model.graph.initializers.values():
+        probe_a[init.name] = probe_b[init.name] = init.const_value.numpy()
+    _annotate(model, probe_a, probe_b)
+    return LoweredModel(
+        model=model,
+        opset=opset,
+        shapes={n: a.shape for n, a in probe_a.items()},
+        batch_axes={n: batch_axis(a.shape, probe_b[n].shape) for n, a in probe_a.items()},
+        dtypes={n: a.dtype for n, a in probe_a.items()},
+    )
+
+
+def _relax_input_batch(model: ir.Model, examples: dict[str, np.ndarray]) -> None:
+    for value in model.graph.inputs:
+        if value.name in examples and value.shape is not None and len(value.shape) > 0:
+            dims = list(value.shape)
+            dims[0] = ir.SymbolicDim(BATCH)
+            value.shape = ir.Shape(dims)
+
+
+def _probe_relaxing_batch(model: ir.Model, examples: dict[str, np.ndarray]):
+    """Probe at two batch sizes; if the export fixed the batch at 1, relax its Reshapes once and retry."""
+    try:
+        return probe_twice(model, examples)
+    except UnsupportedModelError as first_error:
+        try:
+            at_one = run_values(model, probe_feeds(examples, 1))
+        except UnsupportedModelError:
+            raise first_error from None
+        if not _relax_reshapes(model, at_one):
+            raise _fixed_batch_error(model, first_error) from None
+        try:
+            return probe_twice(model, examples)
+        except UnsupportedModelError:
+            raise _fixed_batch_error(model, first_error) from None
+
+
+def _relax_reshapes(model: ir.Model, at_one: dict[str, np.ndarray]) -> bool:
+    """Turn Reshape targets that hard-code batch 1 into ones that follow the batch."""
+    changed = False
+    for node in model.graph:
+        if node.op_type != "Reshape" or node.inputs[1] is None or node.inputs[1].const_value is None:
+            continue
+        target = node.inputs[1].const_value.numpy().copy()
+        source = at_one.get(node.inputs[0].name)
+        source_shape = source.shape if source is not None else None
+        if target.size and target[0] == 1 and (source_shape is None or source_shape[:1] == (1,)):
+            target[0] = 0 if -1 in target else -1
+            node.replace_input_with(1, ir.Value(name=f"{node.inputs[1].name}__relaxed",
+                                                const_value=ir.tensor(target)))
+            model.graph.register_initializer(node.inputs[1])
+            changed = True
+    return changed
+
+
+def _fixed_batch_error(model: ir.Model, cause: Exception) -> UnsupportedModelError:
+    names = ", ".join(v.name for v in model.graph.inputs)
+    return UnsupportedModelError(
+        f"the model only runs with a batch of 1 (inputs: {names}) and onnxshap could not relax it: {cause}\n"
+        "Re-export with a dynamic batch axis: torch.onnx.export(..., dynamic_axes={'<input>': {0: 'batch'}, "
+        "'<output>': {0: 'batch'}}) or dynamo=True with dynamic_shapes; tf2onnx: an input_signature with "
+        "None as the batch size."
+    )
+
+
+def _annotate(model: ir.Model, probe_a: dict[str, np.ndarray], probe_b: dict[str, np.ndarray]) -> None:
+    """Write the probed static shapes into the graph (batch axis symbolic) for the passes that read them."""
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name in probe_a:
+                _set_shape(value, probe_a[value.name], probe_b[value.name])
+
+
+def _set_shape(value: ir.Value, a: np.ndarray, b: np.ndarray) -> None:
+    axis = batch_axis(a.shape, b.shape)
+    dims = [ir.SymbolicDim(BATCH) if i == axis else d for i, d in enumerate(a.shape)]
+    value.shape = ir.Shape(dims)
+    value.type = ir.TensorType(ir.DataType.from_numpy(a.dtype))
+
+
+LOOP_OPS = {"Loop", "Scan"}
+RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
+
+
+def _unroll(model: ir.Model) -> bool:
+    """Unroll loops and recurrent ops; returns whether anything changed."""
+    present = {node.op_type for node in model.graph}
+    if not present & (LOOP_OPS | RECURRENT_OPS):
+        return False
+    from onnxshap.lower.loops import unroll_loops
+    from onnxshap.lower.recurrent import unroll_recurrent
+
+    changed = unroll_loops(model)
+    return unroll_recurrent(model) or changed

@@ -1,0 +1,122 @@
+"""Ops with two variable inputs from different sources: Shapley rules for two players.
+
+With ``a`` and ``b`` the players and ``z = g(a, b)``, the exact 2-player Shapley split of ``Δz`` is
+
+    Δz_a = ½[g(a_x, b_r) − g(a_r, b_r)] + ½[g(a_x, b_x) − g(a_r, b_x)],   Δz_b = Δz − Δz_a
+
+and ``M_a = M_z ⊙ Δz_a / Δa``. For the common ops it has closed forms without division:
+
+- product ``z = a·b``: ``M_a = M_z ⊙ (b_x + b_r)/2``, ``M_b = M_z ⊙ (a_x + a_r)/2``;
+- division ``z = a/b``: ``M_a = M_z ⊙ ½(1/b_x + 1/b_r)``, ``M_b = −M_z ⊙ (a_x + a_r)/(2 b_x b_r)``;
+- bilinear ``Z = A·B`` (MatMul): ``M_A = M_Z·((B_x + B_r)/2)ᵀ``, ``M_B = ((A_x + A_r)/2)ᵀ·M_Z``.
+
+Max, Min and Pow with two variable inputs use the four-corner form (the slope where ``|Δa| < 1e-6``).
+With one variable input Mul/Div/MatMul are linear and go to the linear rules.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from onnxshap.pairs import PairContext
+from onnxshap.rules.elementwise import DERIVATIVES, TINY_DELTA
+from onnxshap.rules.linear import matmul_linear, scale_by_constant
+from onnxshap.rules.registry import register
+
+
+def _aligned(ctx: PairContext, node: ir.Node) -> str | None:
+    """Both variable inputs must carry the batch on the same axis counted from the right."""
+    out = node.outputs[0]
+    inputs = [v for v in node.inputs if ctx.is_variable(v)]
+    if len(inputs) > 2:
+        return f"{node.op_type} with more than two variable inputs is not supported"
+    offsets = {ctx.rank(v) - ctx.batch_axis(v) for v in inputs} | {ctx.rank(out) - ctx.batch_axis(out)}
+    if len(offsets) != 1:
+        return f"{node.op_type} whose inputs carry the batch on different axes is not supported"
+    return None
+
+
+def _half_sum(ctx: PairContext, value: ir.Value) -> ir.Value:
+    e = ctx.emit
+    return e.op("Mul", [e.op("Add", [ctx.pair_x(value), ctx.pair_r(value)]), e.scalar(0.5)], hint="pair_mean")
+
+
+@register("Mul", family="product", check=_aligned)
+def mul(ctx: PairContext, node: ir.Node, outs):
+    a, b = node.inputs
+    if not (ctx.is_variable(a) and ctx.is_variable(b)):
+        return scale_by_constant(ctx, node, outs[0])
+    z = node.outputs[0]
+    return [ctx.scale(outs[0], _half_sum(ctx, b), z, a), ctx.scale(outs[0], _half_sum(ctx, a), z, b)]
+
+
+@register("Div", family="division", check=_aligned)
+def div(ctx: PairContext, node: ir.Node, outs):
+    a, b = node.inputs
+    if not ctx.is_variable(b):
+        return scale_by_constant(ctx, node, outs[0])
+    e, z = ctx.emit, node.outputs[0]
+    bx, br = ctx.pair_x(b), ctx.pair_r(b)
+    factor_a = e.op("Mul", [e.op("Add", [e.op("Reciprocal", [bx]), e.op("Reciprocal", [br])]), e.scalar(0.5)])
+    numerator = _half_sum(ctx, a) if ctx.is_variable(a) else a
+    factor_b = e.op("Neg", [e.op("Div", [numerator, e.op("Mul", [bx, br])])])
+    m_a = ctx.scale(outs[0], factor_a, z, a) if ctx.is_variable(a) else None
+    return [m_a, ctx.scale(outs[0], factor_b, z, b)]
+
+
+def _bilinear_check(ctx: PairContext, node: ir.Node) -> str | None:
+    a, b = node.inputs
+    if ctx.is_variable(a) and ctx.batch_axis(a) == ctx.rank(a) - 1 or ctx.is_variable(b) and (
+            ctx.rank(b) < 2 or ctx.batch_axis(b) >= ctx.rank(b) - 2) or ctx.is_variable(a) and ctx.is_variable(b) \
+            and ctx.batch_axis(a) >= ctx.rank(a) - 2:
+        return "MatMul that contracts over the batch axis mixes rows: not supported"
+    if all(ctx.is_variable(v) for v in node.inputs):
+        if ctx.shape(node.inputs[0])[:-2] != ctx.shape(node.inputs[1])[:-2]:
+            return "MatMul of two variable tensors with broadcast leading axes is not supported"
+        return _aligned(ctx, node)
+    const = next(v for v in node.inputs if not ctx.is_variable(v))
+    if len(ctx.shape(const)) > 2 and any(d != 1 for d in ctx.shape(const)[:-2]):
+        return "MatMul with a batched constant operand is not supported"
+    return None
+
+
+@register("MatMul", family="bilinear", check=_bilinear_check)
+def matmul(ctx: PairContext, node: ir.Node, outs):
+    a, b = node.inputs
+    if not (ctx.is_variable(a) and ctx.is_variable(b)):
+        return matmul_linear(ctx, node, outs[0])
+    e, z = ctx.emit, node.outputs[0]
+    m_z = ctx.expand(outs[0], z)
+    rank = ctx.rank(z) + 2
+    swap = list(range(rank - 2)) + [rank - 1, rank - 2]
+    m_a = e.op("MatMul", [m_z, e.transpose(_half_sum(ctx, b), swap)])
+    m_b = e.op("MatMul", [e.transpose(_half_sum(ctx, a), swap), m_z])
+    return [ctx.collapse(m_a, a), ctx.collapse(m_b, b)]
+
+
+@register("Max", "Min", "Pow", family="shapley", check=_aligned)
+def four_corners(ctx: PairContext, node: ir.Node, outs):
+    """The exact 2-player Shapley split from the four corners (x/r of each input)."""
+    a, b = node.inputs
+    if not (ctx.is_variable(a) and ctx.is_variable(b)):
+        raise AssertionError(f"{node.op_type} with one variable input belongs to an elementwise region")
+    e, z = ctx.emit, node.outputs[0]
+    op = node.op_type
+    g_xr = e.op(op, [ctx.pair_x(a), ctx.pair_r(b)])
+    g_rx = e.op(op, [ctx.pair_r(a), ctx.pair_x(b)])
+    z_x, z_r = ctx.pair_x(z), ctx.pair_r(z)
+    half = e.scalar(0.5)
+    dz_a = e.op("Mul", [e.op("Add", [e.op("Sub", [g_xr, z_r]), e.op("Sub", [z_x, g_rx])]), half])
+    dz_b = e.op("Mul", [e.op("Add", [e.op("Sub", [g_rx, z_r]), e.op("Sub", [z_x, g_xr])]), half])
+    slopes = {side: DERIVATIVES[op](e, node, [ctx.side(a, side), ctx.side(b, side)], ctx.side(z, side))
+              for side in ("x", "r")}
+    result = []
+    for index, (player, dz) in enumerate(((a, dz_a), (b, dz_b))):
+        delta = ctx.pair_delta(player)
+        tiny = e.op("Less", [e.op("Abs", [delta]), e.scalar(TINY_DELTA)])
+        ratio = e.op("Div", [dz, e.op("Where", [tiny, e.scalar(1.0), delta])])
+        bz = ctx.batch_axis(z)
+        slope = e.op("Mul", [e.op("Add", [e.unsqueeze(slopes["x"][index], [bz + 1, bz + 2]),
+                                          e.unsqueeze(slopes["r"][index], [bz, bz + 2])]), half])
+        result.append(ctx.scale(outs[0], e.op("Where", [tiny, slope, ratio]), z, player))
+    return result

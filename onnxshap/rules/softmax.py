@@ -1,0 +1,72 @@
+"""Softmax family: Softmax and LogSoftmax along any axis, as their decomposition — never one rescale.
+
+With ``s`` the maximum over both rows of a pair (shared by x and r, so it cancels exactly),
+``e = exp(a − s)``, ``S = Σ e`` and
+
+- Softmax ``y = e / S``: division rule ``M_e = M_y ⊙ ½(1/S_x + 1/S_r)``,
+  ``M_S = −Σ M_y ⊙ (e_x + e_r) / (2 S_x S_r)``; the sum is linear (``M_e += M_S``); the exp is a rescale
+  ``M_a = M_e ⊙ (e_x − e_r) / Δa`` (slope ``(e_x + e_r)/2`` where ``|Δa| < 1e-6``).
+- LogSoftmax ``y = a − log S``: ``M_a = M_y + M_e ⊙ (e_x − e_r)/Δa`` with
+  ``M_e = −Σ M_y ⊙ (log S_x − log S_r)/(S_x − S_r)`` (log rescale; slope ``2/(S_x + S_r)`` when ``S_x ≈ S_r``).
+
+Equal to the unshifted decomposition ``exp(a) / Σ exp(a)``, computed stably; the shift is per pair.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from onnxshap.emit import op_attr
+from onnxshap.pairs import PairContext
+from onnxshap.rules.registry import register
+
+TINY_DELTA = 1e-6
+
+
+def _axis_check(ctx: PairContext, node: ir.Node) -> str | None:
+    a = node.inputs[0]
+    axis = op_attr(node, "axis", -1)
+    axis = axis + ctx.rank(a) if axis < 0 else axis
+    if axis == ctx.batch_axis(a):
+        return f"{node.op_type} over the batch axis: rows must be explained independently"
+    return None
+
+
+@register("Softmax", "LogSoftmax", family="softmax", check=_axis_check)
+def softmax(ctx: PairContext, node: ir.Node, outs):
+    e = ctx.emit
+    a, y = node.inputs[0], node.outputs[0]
+    b = ctx.batch_axis(a)
+    axis = op_attr(node, "axis", -1)
+    axis = axis + ctx.rank(a) if axis < 0 else axis
+    axis = axis + 2 if axis > b else axis  # in the expanded layout
+    a_x, a_r = ctx.pair_x(a), ctx.pair_r(a)
+    shift = e.op("Max", [e.reduce("ReduceMax", a_x, [axis]), e.reduce("ReduceMax", a_r, [axis])], hint="shift")
+    exp_x = e.op("Exp", [e.op("Sub", [a_x, shift])])
+    exp_r = e.op("Exp", [e.op("Sub", [a_r, shift])])
+    sum_x, sum_r = e.reduce("ReduceSum", exp_x, [axis]), e.reduce("ReduceSum", exp_r, [axis])
+    m_y = ctx.expand(outs[0], y)
+    half = e.scalar(0.5)
+
+    if node.op_type == "Softmax":
+        through_e = e.op("Mul", [e.op("Add", [e.op("Reciprocal", [sum_x]), e.op("Reciprocal", [sum_r])]), half])
+        through_sum = e.op("Div", [e.op("Mul", [e.op("Add", [exp_x, exp_r]), half]), e.op("Mul", [sum_x, sum_r])])
+        m_sum = e.reduce("ReduceSum", e.op("Mul", [m_y, through_sum]), [axis])
+        m_e = e.op("Sub", [e.op("Mul", [m_y, through_e]), m_sum])
+    else:
+        delta_sum = e.op("Sub", [sum_x, sum_r])
+        tiny_sum = e.op("Less", [e.op("Abs", [delta_sum]), e.op("Mul", [e.scalar(TINY_DELTA), sum_x])])
+        log_ratio = e.op("Div", [e.op("Sub", [e.op("Log", [sum_x]), e.op("Log", [sum_r])]),
+                                 e.op("Where", [tiny_sum, e.scalar(1.0), delta_sum])])
+        log_slope = e.op("Div", [e.scalar(2.0), e.op("Add", [sum_x, sum_r])])
+        log_factor = e.op("Where", [tiny_sum, log_slope, log_ratio])
+        m_e = e.op("Neg", [e.op("Mul", [e.reduce("ReduceSum", m_y, [axis]), log_factor])])
+
+    delta = ctx.pair_delta(a)
+    tiny = e.op("Less", [e.op("Abs", [delta]), e.scalar(TINY_DELTA)])
+    exp_ratio = e.op("Div", [e.op("Sub", [exp_x, exp_r]), e.op("Where", [tiny, e.scalar(1.0), delta])])
+    exp_slope = e.op("Mul", [e.op("Add", [exp_x, exp_r]), half])
+    m_a = e.op("Mul", [m_e, e.op("Where", [tiny, exp_slope, exp_ratio])])
+    if node.op_type == "LogSoftmax":
+        m_a = e.op("Add", [m_a, m_y])
+    return [ctx.collapse(m_a, a)]
