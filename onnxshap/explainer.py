@@ -192,9 +192,12 @@ class DeepExplainer:
         return result
 
     def explain(self, X, ranked_outputs: int | None = None, output_rank_order: str = "max",
-                check_additivity: bool = True) -> Explanation | list[Explanation]:
-        """An :class:`Explanation` (a list of them when several tensors are explained)."""
-        explanations = self._explain(X, ranked_outputs, output_rank_order, check_additivity)
+                check_additivity: bool = True, progress: bool = False) -> Explanation | list[Explanation]:
+        """An :class:`Explanation` (a list of them when several tensors are explained).
+
+        ``progress=True`` shows a progress bar over chunks on a terminal (silent when not a TTY).
+        """
+        explanations = self._explain(X, ranked_outputs, output_rank_order, check_additivity, progress)
         return explanations[0] if len(explanations) == 1 else explanations
 
     __call__ = explain
@@ -231,7 +234,7 @@ class DeepExplainer:
         key = {"max": -predictions, "min": predictions, "max_abs": -np.abs(predictions)}[order]
         return np.argsort(key, axis=1, kind="stable")[:, : int(ranked_outputs)].astype(np.int64)
 
-    def _explain(self, X, ranked_outputs, order, check_additivity) -> list[Explanation]:
+    def _explain(self, X, ranked_outputs, order, check_additivity, progress=False) -> list[Explanation]:
         started = time.perf_counter()
         feeds = self._feeds(X, "data")
         predictions_all = self._predict(feeds)
@@ -240,7 +243,12 @@ class DeepExplainer:
         n = indices.shape[0]
         rows = self.batch_size or max(1, int(self.max_memory // max(augmented.bytes_per_row, 1)))
         chunks: list[list[np.ndarray]] = [[] for _ in augmented.values]
-        for start in range(0, n, rows):
+        starts = range(0, n, rows)
+        if progress and len(starts) > 1:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="onnxshap", unit="chunk", disable=None)
+        for start in starts:
             run_feeds = {name: feeds[name][start:start + rows] for name in augmented.inputs}
             run_feeds[OUTPUT_INDEX] = indices[start:start + rows]
             results = session.run(augmented.values + [PREDICTION], run_feeds)

@@ -118,6 +118,7 @@ class _Folder:
 def _inline(em: GraphEmitter, folder: _Folder, body: ir.Graph, bindings: list[ir.Value], tag: str) -> list[ir.Value]:
     """Append one copy of ``body`` with its inputs bound to ``bindings``; returns the copy's outputs."""
     copy = body.clone(allow_outer_scope_values=True)
+    copy.sort()
     outputs = list(copy.outputs)
     copy.outputs.clear()
     subst: dict[ir.Value, ir.Value] = {}
@@ -250,6 +251,18 @@ def _discard(nodes: list[ir.Node]) -> None:
                 n.replace_input_with(i, None)
 
 
+def _remove_dead_producers(graph: ir.Graph, values) -> None:
+    """Remove the producers of ``values`` (recursively) once nothing reads them, e.g. a folded condition."""
+    stack = [v for v in values if v is not None]
+    while stack:
+        node = stack.pop().producer()
+        if node is None or node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        stack.extend(inputs)
+
+
 def _used(node: ir.Node, idx: int) -> bool:
     out = node.outputs[idx]
     return bool(out.uses()) or out.is_graph_output()
@@ -280,7 +293,9 @@ def unroll_loops(model: ir.Model) -> bool:
                 continue
             em = GraphEmitter(graph, unique_prefix(graph, node.name or node.op_type))
             try:
+                inputs = list(node.inputs)
                 (_unroll_loop if node.op_type == "Loop" else _unroll_scan)(graph, node, em, folder)
+                _remove_dead_producers(graph, inputs)
                 changed = True
             except _Refusal as exc:
                 _discard(em.nodes)
