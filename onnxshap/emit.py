@@ -80,7 +80,7 @@ class Emitter:
     # -- constants -----------------------------------------------------------------------------------
     def const(self, array: np.ndarray, hint: str = "const") -> ir.Value:
         """A new initializer holding ``array``."""
-        value = ir.Value(name=self._name(hint), const_value=ir.tensor(np.ascontiguousarray(array)))
+        value = ir.Value(name=self._name(hint), const_value=ir.tensor(np.asarray(array, order="C")))
         value.shape = ir.Shape(array.shape)
         value.type = ir.TensorType(value.const_value.dtype)
         self.graph.register_initializer(value)

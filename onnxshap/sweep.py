@@ -63,11 +63,12 @@ def variable_tensors(graph: ir.Graph, sources: list[str]) -> set[str]:
 
 
 def _relevant_nodes(graph: ir.Graph, outputs: list[str], variable: set[str]) -> list[ir.Node]:
-    """Variable nodes from which some selected output can be reached, in topological order."""
+    """Nodes reading a variable tensor from which a selected output can be reached, in topological order."""
     needed = set(outputs)
     relevant = []
     for node in reversed(list(graph)):
-        if any(o.name in needed for o in node.outputs) and any(o.name in variable for o in node.outputs):
+        if any(o.name in needed for o in node.outputs) and any(
+                v is not None and v.name in variable for v in node.inputs):
             relevant.append(node)
             needed.update(v.name for v in node.inputs if v is not None)
     return list(reversed(relevant))
@@ -243,10 +244,14 @@ def build_augmented(
         perm = [b] + [j for j in range(rank) if j not in (b, b + 1)] + [b + 1]
         phi = emit.op("Identity", [emit.transpose(phi, perm)])
         phi.name = f"shap_values_{i}"
+        phi.type = ir.TensorType(ir.DataType.FLOAT)
+        phi.shape = ir.Shape(["n", *lowered.feature_shape(name), k])
         graph.outputs.append(phi)
         value_names.append(phi.name)
     prediction = emit.op("Identity", [prediction])
     prediction.name = PREDICTION
+    prediction.type = ir.TensorType(ir.DataType.FLOAT)
+    prediction.shape = ir.Shape(["n", total])
     graph.outputs.append(prediction)
     del original_outputs
 

@@ -261,8 +261,8 @@ def scan_model(in_axis=0, in_dir=0, out_axis=0, out_dir=0, T=4, opset=17, seed=0
         [vi("s_new", F, ["batch", 4]), vi("s_out", F, ["batch", 4]), vi("x2", F, ["batch", 3])],
         [const("two", np.float32(2.0))])
     x_shape = [T, "batch", 3] if in_axis in (0, -3) else ["batch", T, 3]
-    attrs = dict(num_scan_inputs=2, scan_input_axes=[in_axis, 0], scan_input_directions=[in_dir, 1],
-                 scan_output_axes=[out_axis, 0], scan_output_directions=[out_dir, 0])
+    attrs = {"num_scan_inputs": 2, "scan_input_axes": [in_axis, 0], "scan_input_directions": [in_dir, 1],
+             "scan_output_axes": [out_axis, 0], "scan_output_directions": [out_dir, 0]}
     node = helper.make_node("Scan", ["s0", "x", "y"], ["s_final", "s_all", "x2_all"], name="scan1", body=body,
                             **attrs)
     model = make_model([node], [vi("x", F, x_shape), vi("y", F, [T, "batch", 4]), vi("s0", F, ["batch", 4])],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -321,18 +320,30 @@ def test_refuses_non_constant_weights():
 # ---------------------------------------------------------------------------------------------------------
 # exported models: PyTorch (TorchScript and dynamo exporters)
 
-def _set_shapes(model: onnx.ModelProto, seq: int) -> ir.Model:
-    """Shape-infer, then make sure every recurrent node's X has a static sequence dim (the fold pass's job)."""
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+def _prepare_like_pipeline(model: onnx.ModelProto, x: np.ndarray, seq: int) -> ir.Model:
+    """What onnxshap.lower does before unrolling: probe two batches, annotate shapes, fold shape plumbing.
+
+    Falls back to ONNX shape inference (plus the known sequence length) if those modules are missing.
+    """
     m = ir.from_proto(model)
+    try:
+        from onnxshap.lower.fold import fold_batch_invariant
+        from onnxshap.lower.probe import batch_axis, probe_twice
+    except ImportError:
+        m = ir.from_proto(onnx.shape_inference.infer_shapes(model, data_prop=True))
+    else:
+        probe_a, probe_b = probe_twice(m, {"x": x})
+        for node in m.graph:
+            for value in node.outputs:
+                if value.name in probe_a:
+                    a = probe_a[value.name]
+                    axis = batch_axis(a.shape, probe_b[value.name].shape)
+                    value.shape = ir.Shape([ir.SymbolicDim("batch") if i == axis else d for i, d in enumerate(a.shape)])
+        fold_batch_invariant(m, probe_a, probe_b)
     for node in m.graph:
         if node.op_type in GATES:
-            x = node.inputs[0]
-            layout = node.attributes.get_int("layout", 0)
-            if x.shape is None or not isinstance(x.shape[layout], int):
-                dims = list(x.shape.dims) if x.shape is not None else [None, None, None]
-                dims[layout] = seq
-                x.shape = ir.Shape(dims)
+            x_value, layout = node.inputs[0], node.attributes.get_int("layout", 0)
+            assert x_value.shape is not None and x_value.shape[layout] == seq, x_value.shape
     return m
 
 
@@ -350,13 +361,19 @@ def _export_torch(module, x, dynamo: bool, path: str) -> onnx.ModelProto:
     return onnx.load(path)
 
 
-@pytest.mark.parametrize("dynamo", [False, True])
-@pytest.mark.parametrize("cls,layers,bidirectional",
-                         [("LSTM", 1, False), ("LSTM", 2, True), ("GRU", 2, True), ("GRU", 1, False),
-                          ("RNN", 2, True)])
+TORCH_CASES = [("LSTM", 1, False, False), ("LSTM", 2, True, False), ("GRU", 2, True, False),
+               ("GRU", 1, False, False), ("RNN", 2, True, False),
+               # the dynamo exporter is slow (2-4 s a model): one LSTM and one GRU; it decomposes nn.RNN itself
+               ("LSTM", 2, True, True), ("GRU", 1, False, True)]
+
+
+@pytest.mark.parametrize("cls,layers,bidirectional,dynamo", TORCH_CASES)
 def test_torch_export(tmp_path, cls, layers, bidirectional, dynamo):
-    if dynamo and os.environ.get("ONNXSHAP_SKIP_DYNAMO"):
-        pytest.skip("dynamo export disabled")
+    """TorchScript export: LSTM/GRU/RNN nodes, initial states from ConstantOfShape(Shape(x)) plumbing.
+
+    Dynamo export: LSTM/GRU nodes whose X is a Reshape of the previous layer's Y through Shape/Slice/Concat
+    (the sequence dim is unknown until folded); nn.RNN arrives already decomposed (MatMul/Add/Tanh).
+    """
     torch = pytest.importorskip("torch")
 
     class Head(torch.nn.Module):
@@ -375,7 +392,7 @@ def test_torch_export(tmp_path, cls, layers, bidirectional, dynamo):
     T = 5
     model = _export_torch(module, torch.randn(2, T, 4), dynamo, str(tmp_path / "m.onnx"))
     model.ir_version = 10
-    m = _set_shapes(model, T)
+    m = _prepare_like_pipeline(model, torch.randn(4, T, 4).numpy(), T)
     had_recurrent = any(n.op_type in GATES for n in m.graph)
     assert unroll_recurrent(m) == had_recurrent
     out = ir.to_proto(m)

@@ -53,9 +53,7 @@ def _finish(model: nn.Module, softmax: bool) -> nn.Module:
 def mlp(softmax: bool = False, seed: int = SEED) -> nn.Module:
     """20 → 32 ReLU → 16 Tanh → 3 (logits), optionally followed by Softmax."""
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3)
-    )
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
     return _finish(model, softmax)
 
 
@@ -164,7 +162,9 @@ BUILDERS = {"mlp": mlp, "mnist_cnn": mnist_cnn, "bn_cnn": bn_cnn}
 # --------------------------------------------------------------------------------------------------
 
 
-def data(name: str, n: int = N_SAMPLES, m: int = N_BACKGROUND, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+def data(
+    name: str, n: int = N_SAMPLES, m: int = N_BACKGROUND, seed: int = SEED
+) -> tuple[np.ndarray, np.ndarray]:
     """``(X, background)`` float32 arrays for zoo model ``name`` (seeded, disjoint draws).
 
     Image models get non-negative, pixel-like inputs in [0, 1); vector models standard normals.
@@ -208,7 +208,9 @@ def assert_close_scaled(actual: np.ndarray, desired: np.ndarray, rel: float, wha
     return err
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor | np.ndarray, dynamo: bool = False) -> onnx.ModelProto:
+def export_onnx(
+    module: nn.Module, example: torch.Tensor | np.ndarray, dynamo: bool = False
+) -> onnx.ModelProto:
     """Export ``module`` with a dynamic batch axis, opset 17, ``ir_version`` 10, and verify it with ORT.
 
     ``dynamo=False``: the TorchScript exporter with ``dynamic_axes``; ``dynamo=True``: the torch.export
@@ -305,22 +307,19 @@ def keras_mnist_twin(torch_model: nn.Module):
 def keras_to_onnx(kmodel, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     """Convert a keras-3 model with tf2onnx (dynamic batch), opset 17, ``ir_version`` 10.
 
-    ``tf2onnx.convert.from_keras`` (tf2onnx 1.17) fails on keras-3 models (``KeyError: 'keras_tensor_N'``),
-    so the model is wrapped in a ``tf.function`` with a dynamic-batch input signature and converted with
-    ``from_function``; ``from_keras`` is tried first in case a later tf2onnx handles keras 3.
+    ``tf2onnx.convert.from_keras`` (tf2onnx 1.17) fails on keras-3 models (``KeyError: 'keras_tensor_N'``
+    inside its keras-2 graph handling), so the model is wrapped in a ``tf.function`` with a dynamic-batch
+    input signature and converted with ``from_function``.
     """
     _quiet_tf()
     import tensorflow as tf
     import tf2onnx
 
     spec = [tf.TensorSpec((None, *input_shape), tf.float32, name="x")]
+    fn = tf.function(lambda x: kmodel(x, training=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            model, _ = tf2onnx.convert.from_keras(kmodel, input_signature=spec, opset=OPSET)
-        except Exception:
-            fn = tf.function(lambda x: kmodel(x, training=False))
-            model, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET)
+        model, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET)
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -331,7 +330,7 @@ def keras_to_onnx(kmodel, input_shape: tuple[int, ...]) -> onnx.ModelProto:
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _onnx_bytes(name: str, softmax: bool, dynamo: bool) -> bytes:
     module = BUILDERS[name](softmax=softmax)
     x, _ = data(name)
@@ -343,7 +342,7 @@ def cached_onnx(name: str, softmax: bool = False, dynamo: bool = False) -> onnx.
     return onnx.load_from_string(_onnx_bytes(name, softmax, dynamo))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _linear_onnx_bytes() -> bytes:
     x, _ = data("linear")
     return export_onnx(linear(), x[:3]).SerializeToString()
@@ -353,7 +352,7 @@ def cached_linear_onnx() -> onnx.ModelProto:
     return onnx.load_from_string(_linear_onnx_bytes())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keras_twin_bytes() -> bytes:
     tmodel = mnist_cnn()
     kmodel = keras_mnist_twin(tmodel)

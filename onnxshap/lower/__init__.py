@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, NameFixPass
 
-from onnxshap.errors import UnsupportedModelError
+from onnxshap.errors import UnsupportedModelError, unsupported_nodes_error
 from onnxshap.lower.composites import decompose_composites
 from onnxshap.lower.fold import fold_batch_invariant
 from onnxshap.lower.probe import PROBE_BATCHES, batch_axis, probe_feeds, probe_twice, run_values
@@ -58,6 +58,7 @@ def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMod
     InlinePass()(model)
     NameFixPass()(model)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    _refuse_unknown_ops(model)
     _relax_input_batch(model, examples)
     probe_a, probe_b = _probe_relaxing_batch(model, examples)
     _annotate(model, probe_a, probe_b)
@@ -88,6 +89,23 @@ def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMod
     )
 
 
+def _refuse_unknown_ops(model: ir.Model) -> None:
+    """Before running anything: every node on a data path needs a rule, a lowering or a fold."""
+    from onnxshap.lower.composites import REWRITTEN_OPS
+    from onnxshap.lower.fold import value_dependent
+    from onnxshap.rules.elementwise import ELEMENTWISE_OPS
+    from onnxshap.rules.registry import RULES, load_rules
+
+    load_rules()
+    known = set(RULES) | ELEMENTWISE_OPS | REWRITTEN_OPS | LOOP_OPS | RECURRENT_OPS | {"Constant"}
+    dependent = value_dependent(model.graph)
+    unknown = [node for node in model.graph
+               if any(v in dependent for v in node.inputs if v is not None)
+               and (node.domain not in ("", "ai.onnx") or node.op_type not in known)]
+    if unknown:
+        raise unsupported_nodes_error(unknown)
+
+
 def _relax_input_batch(model: ir.Model, examples: dict[str, np.ndarray]) -> None:
     for value in model.graph.inputs:
         if value.name in examples and value.shape is not None and len(value.shape) > 0:
@@ -99,18 +117,32 @@ def _relax_input_batch(model: ir.Model, examples: dict[str, np.ndarray]) -> None
 def _probe_relaxing_batch(model: ir.Model, examples: dict[str, np.ndarray]):
     """Probe at two batch sizes; if the export fixed the batch at 1, relax its Reshapes once and retry."""
     try:
-        return probe_twice(model, examples)
-    except UnsupportedModelError as first_error:
-        try:
-            at_one = run_values(model, probe_feeds(examples, 1))
-        except UnsupportedModelError:
-            raise first_error from None
-        if not _relax_reshapes(model, at_one):
-            raise _fixed_batch_error(model, first_error) from None
-        try:
-            return probe_twice(model, examples)
-        except UnsupportedModelError:
-            raise _fixed_batch_error(model, first_error) from None
+        probes = probe_twice(model, examples)
+        if _outputs_follow_batch(model, *probes):
+            return probes
+        cause: Exception | str = "its outputs do not follow the number of input rows"
+    except UnsupportedModelError as error:
+        cause = error
+    try:
+        at_one = run_values(model, probe_feeds(examples, 1))
+    except UnsupportedModelError:
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+    if not _relax_reshapes(model, at_one):
+        raise _fixed_batch_error(model, cause) from None
+    try:
+        probes = probe_twice(model, examples)
+    except UnsupportedModelError:
+        raise _fixed_batch_error(model, cause) from None
+    if not _outputs_follow_batch(model, *probes):
+        raise _fixed_batch_error(model, cause)
+    return probes
+
+
+def _outputs_follow_batch(model: ir.Model, probe_a: dict, probe_b: dict) -> bool:
+    return all(batch_axis(probe_a[v.name].shape, probe_b[v.name].shape) == 0
+               for v in model.graph.outputs if v.name in probe_a)
 
 
 def _relax_reshapes(model: ir.Model, at_one: dict[str, np.ndarray]) -> bool:

@@ -255,3 +255,4 @@ _REWRITES = {
     "ConvTranspose": _resolve_auto_pad,
     "MaxPool": _resolve_auto_pad,
 }
+REWRITTEN_OPS = frozenset(_REWRITES)
