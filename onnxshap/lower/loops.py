@@ -30,7 +30,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshap.errors import unsupported_nodes_error
-from onnxshap.lower.recurrent import GraphEmitter, constant_array, replace_outputs, unique_prefix
+from onnxshap.lower.recurrent import (
+    GraphEmitter,
+    constant_array,
+    remove_dead_inputs,
+    replace_outputs,
+    unique_prefix,
+)
 
 __all__ = ["unroll_loops"]
 
@@ -141,9 +147,9 @@ def _inline(em: GraphEmitter, folder: _Folder, body: ir.Graph, bindings: list[ir
                 for i in range(len(node.inputs)):
                     node.replace_input_with(i, None)
                 continue
-        node.name = f"{em.prefix}/{tag}{node.name or f'{node.op_type}_{k}'}"
+        node.name = em.fresh_name(f"{tag}{node.name or f'{node.op_type}_{k}'}")
         for j, out in enumerate(node.outputs):
-            out.name = f"{em.prefix}/{tag}{out.name or f'{k}_{j}'}"
+            out.name = em.fresh_name(f"{tag}{out.name or f'{k}_{j}'}")
         em.nodes.append(node)
     return [subst.get(v, v) for v in outputs]
 
@@ -251,18 +257,6 @@ def _discard(nodes: list[ir.Node]) -> None:
                 n.replace_input_with(i, None)
 
 
-def _remove_dead_producers(graph: ir.Graph, values) -> None:
-    """Remove the producers of ``values`` (recursively) once nothing reads them, e.g. a folded condition."""
-    stack = [v for v in values if v is not None]
-    while stack:
-        node = stack.pop().producer()
-        if node is None or node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
-            continue
-        inputs = [v for v in node.inputs if v is not None]
-        graph.remove(node, safe=True)
-        stack.extend(inputs)
-
-
 def _used(node: ir.Node, idx: int) -> bool:
     out = node.outputs[idx]
     return bool(out.uses()) or out.is_graph_output()
@@ -295,7 +289,7 @@ def unroll_loops(model: ir.Model) -> bool:
             try:
                 inputs = list(node.inputs)
                 (_unroll_loop if node.op_type == "Loop" else _unroll_scan)(graph, node, em, folder)
-                _remove_dead_producers(graph, inputs)
+                remove_dead_inputs(graph, inputs)
                 changed = True
             except _Refusal as exc:
                 _discard(em.nodes)

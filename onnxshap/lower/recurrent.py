@@ -46,7 +46,9 @@ import onnx_ir as ir
 
 from onnxshap.errors import unsupported_nodes_error
 
-__all__ = ["GraphEmitter", "constant_array", "replace_outputs", "unique_prefix", "unroll_recurrent"]
+__all__ = [
+    "GraphEmitter", "constant_array", "remove_dead_inputs", "replace_outputs", "unique_prefix", "unroll_recurrent",
+]
 
 # ---------------------------------------------------------------------------------------------------------
 # Graph-building helpers (shared with loops.py)
@@ -87,10 +89,20 @@ class GraphEmitter:
         self.nodes: list[ir.Node] = []
         self.initializers: list[ir.Value] = []  # registered by replace_outputs, if used
         self._consts: dict[tuple, ir.Value] = {}
+        self._names: set[str] = set()
+
+    def fresh_name(self, name: str) -> str:
+        """``<prefix>/<name>``, suffixed if needed so that no two emitted names collide."""
+        full, k = f"{self.prefix}/{name}", 0
+        while full in self._names or full in self.graph.initializers:
+            k += 1
+            full = f"{self.prefix}/{name}_{k}"
+        self._names.add(full)
+        return full
 
     def op(self, op_type: str, inputs, name: str, attrs: dict | None = None, num_outputs: int = 1):
         """Append a default-domain node; returns its output (or the list of outputs if several)."""
-        full = f"{self.prefix}/{name}"
+        full = self.fresh_name(name)
         node = ir.node(op_type, list(inputs), attrs, num_outputs=num_outputs, name=full)
         dtype = self.dtype or (inputs[0].dtype if inputs and inputs[0] is not None else None)
         for i, out in enumerate(node.outputs):
@@ -110,11 +122,7 @@ class GraphEmitter:
         array = np.array(array, dtype=dtype, order="C")
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._consts:
-            full, k = f"{self.prefix}/{name}", 0
-            taken = {v.name for v in self.initializers}
-            while full in self.graph.initializers or full in taken:
-                k += 1
-                full = f"{self.prefix}/{name}_{k}"
+            full = self.fresh_name(name)
             self._consts[key] = ir.Value(
                 name=full, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                 const_value=ir.tensor(array, name=full))
@@ -166,7 +174,7 @@ def replace_outputs(graph: ir.Graph, node: ir.Node, emitter: GraphEmitter, new: 
             value = emitter.op("Identity", [value], f"out{idx}")
         fresh.discard(id(value))
         if old.shape is not None:
-            value.shape = old.shape
+            value.shape = old.shape.copy()
         if old.type is not None:
             value.type = old.type
         renames.append((old, value))
@@ -179,6 +187,24 @@ def replace_outputs(graph: ir.Graph, node: ir.Node, emitter: GraphEmitter, new: 
     for value in emitter.initializers:
         if value.uses():
             graph.register_initializer(value)
+
+
+def remove_dead_inputs(graph: ir.Graph, values) -> None:
+    """Drop what fed a replaced node once nothing reads it: initializers, and producers (recursively)."""
+    stack = [v for v in values if v is not None]
+    while stack:
+        value = stack.pop()
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.is_initializer() and value.name in graph.initializers:
+            graph.initializers.pop(value.name)
+            continue
+        node = value.producer()
+        if node is None or node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        stack.extend(inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,7 +247,7 @@ def _parse_activations(node: ir.Node, defaults: tuple[str, ...], n_dirs: int) ->
 
 
 def _gate(em: GraphEmitter, pre: ir.Value, act: tuple, clip: float | None, name: str) -> ir.Value:
-    """``act(clip(pre))``, named ``name`` (the pre-activation is ``name``_pre)."""
+    """``act(clip(pre))`` for one gate; ``act`` is (name, alpha, beta) from _parse_activations."""
     if clip is not None:
         pre = em.clip(pre, clip, f"{name}_clip")
     key, alpha, beta = act
@@ -244,6 +270,7 @@ def _gate(em: GraphEmitter, pre: ir.Value, act: tuple, clip: float | None, name:
 
 
 def _prep_lstm(w, r, b, p, hidden, node):
+    """LSTM constants of one direction: Wᵀ, Wb + Rb, Rᵀ and the peepholes Pi, Po, Pf."""
     g4 = 4 * hidden
     extra = {"R_t": r.T}
     if p is not None:
@@ -252,6 +279,7 @@ def _prep_lstm(w, r, b, p, hidden, node):
 
 
 def _cell_lstm(em, n, xw, state, p):
+    """One LSTM step from ``xw`` = Xt·Wᵀ + b and state (H, C); returns (Ht, Ct)."""
     h, c = state
     f, g, hact = p.acts
     pre = em.op("Add", [xw, em.op("MatMul", [h, p.R_t], f"{n}h_proj")], f"{n}gates_pre")
@@ -276,6 +304,7 @@ def _cell_lstm(em, n, xw, state, p):
 
 
 def _prep_gru(w, r, b, p, hidden, node):
+    """GRU constants of one direction; with linear_before_reset, Rbh stays out of the X·Wᵀ bias."""
     g3 = 3 * hidden
     wb, rb = b[:g3], b[g3:]
     if node.attributes.get_int("linear_before_reset", 0):
@@ -285,6 +314,7 @@ def _prep_gru(w, r, b, p, hidden, node):
 
 
 def _cell_gru(em, n, xw, state, p):
+    """One GRU step from ``xw`` = Xt·Wᵀ + b and state (H,); returns (Ht,)."""
     (h,) = state
     f, g = p.acts
     hid = p.hidden
@@ -309,16 +339,20 @@ def _cell_gru(em, n, xw, state, p):
 
 
 def _prep_rnn(w, r, b, p, hidden, node):
+    """RNN constants of one direction: Wᵀ, Wb + Rb, Rᵀ."""
     return w.T, b[:hidden] + b[hidden:], {"R_t": r.T}
 
 
 def _cell_rnn(em, n, xw, state, p):
+    """One RNN step: Ht = f(xw + H·Rᵀ)."""
     pre = em.op("Add", [xw, em.op("MatMul", [state[0], p.R_t], f"{n}h_proj")], f"{n}hidden_pre")
     return (_gate(em, pre, p.acts[0], p.clip, f"{n}hidden"),)
 
 
 @dataclass(frozen=True)
 class _Kind:
+    """What differs between LSTM, GRU and RNN; everything else is the shared driver."""
+
     gates: int
     activations: tuple[str, ...]
     prep: Callable
@@ -337,6 +371,7 @@ _KINDS = {
 
 
 def _needed(node: ir.Node, idx: int) -> bool:
+    """Whether output ``idx`` of ``node`` exists and is read (by a node or as a graph output)."""
     if idx >= len(node.outputs):
         return False
     out = node.outputs[idx]
@@ -391,6 +426,7 @@ def _initial_state(em: GraphEmitter, value, d: int, plan, name: str) -> ir.Value
 
 
 def _lower(graph: ir.Graph, node: ir.Node, plan) -> None:
+    """Replace ``node`` by its unrolled subgraph: per direction, X·Wᵀ + b once, then one cell per step."""
     kind, hidden, steps = plan.kind, plan.hidden, plan.steps
     dtype = plan.x.dtype or ir.DataType.from_numpy(plan.w.dtype)
     em = GraphEmitter(graph, unique_prefix(graph, node.name or f"{node.op_type}"), dtype)
@@ -451,7 +487,9 @@ def unroll_recurrent(model: ir.Model) -> bool:
     if refused:
         raise unsupported_nodes_error([n for n, _ in refused], "; ".join(reason for _, reason in refused))
     for node, plan in todo:
+        inputs = list(node.inputs)
         _lower(graph, node, plan)
+        remove_dead_inputs(graph, inputs)
     if todo:
         graph.sort()
     return bool(todo)

@@ -1,0 +1,618 @@
+"""The rule spec table: one tiny hand-built ONNX graph per op (helpers for ``test_rules.py``, not tests).
+
+A :class:`Spec` is a name, a ``build(g)`` function that writes the graph with the :class:`Graph` builder
+(raw ``onnx.helper``) and returns its output name(s), and the distribution each input is drawn from. The
+same ``build`` writes the graph in float32 (what onnxshap explains) and in float64 (the finite-difference
+and linear-Jacobian reference, where ONNX Runtime has float64 kernels for every op of the graph); constant
+weights are drawn in float32 from a generator seeded by the spec's name, so both graphs hold the same
+numbers.
+
+Distributions keep the data away from kinks and poles so that finite differences taken at ``x → r`` see a
+smooth function: positive inputs for Log/Sqrt/Pow, ``|x| ≥ 0.1`` around ReLU-type kinks, values spaced
+≥ 0.03 apart for max-type ops (no near-ties within a window), grids with an offset for Max/Min of two
+inputs (``|a − b| ≥ 0.05``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+
+OPSET = 20
+IR_VERSION = 10
+
+Dist = Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------------
+# distributions: (rng, shape) -> float64 array (cast to float32 by the caller)
+# --------------------------------------------------------------------------------------------------
+
+
+def normal(rng, shape):
+    return rng.normal(size=shape)
+
+
+def positive(rng, shape):
+    """U(0.5, 2): Log, Sqrt, Reciprocal, Pow bases, Div denominators."""
+    return rng.uniform(0.5, 2.0, size=shape)
+
+
+def away(*points: float, gap: float = 0.1, low: float = -2.0, high: float = 2.0) -> Dist:
+    """U(low, high) resampled until every value is at least ``gap`` from each of ``points`` (kinks)."""
+
+    def draw(rng, shape):
+        x = rng.uniform(low, high, size=shape)
+        for _ in range(100):
+            bad = np.zeros(shape, dtype=bool)
+            for p in points:
+                bad |= np.abs(x - p) < gap
+            if not bad.any():
+                return x
+            x[bad] = rng.uniform(low, high, size=int(bad.sum()))
+        raise AssertionError("could not draw values away from the kinks")
+
+    return draw
+
+
+KINK0 = away(0.0)
+
+
+def off_integers(offset: float, spread: float) -> Dist:
+    """Integers in [−3, 3] plus ``offset`` ± ``spread``: away from Floor/Ceil/Round's jumps."""
+
+    def draw(rng, shape):
+        return rng.integers(-3, 3, size=shape) + offset + rng.uniform(-spread, spread, size=shape)
+
+    return draw
+
+
+def distinct(rng, shape):
+    """A random permutation of an evenly spaced grid in [−2, 2] (spacing ≥ 0.03 for ≤ 128 values) plus a
+    little noise: no two values of a max-pool window are within 2δ of each other."""
+    size = int(np.prod(shape))
+    grid = np.linspace(-2.0, 2.0, size) if size > 1 else np.zeros(1)
+    step = 4.0 / max(size - 1, 1)
+    return (rng.permutation(grid) + rng.uniform(-0.2, 0.2, size) * step).reshape(shape)
+
+
+def grid(offset: float) -> Dist:
+    """Multiples of 0.1 in [−2, 2) plus ``offset``: two inputs drawn with offsets 0 and 0.05 never come
+    within 0.05 of each other (Max/Min of two variable inputs, away from the tie)."""
+
+    def draw(rng, shape):
+        return rng.integers(-20, 20, size=shape) * 0.1 + offset
+
+    return draw
+
+
+# --------------------------------------------------------------------------------------------------
+# the graph builder
+# --------------------------------------------------------------------------------------------------
+
+_ELEM = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE}
+
+
+class Graph:
+    """A tiny ONNX graph written with ``onnx.helper``; every input has a leading batch axis ``n``.
+
+    Args:
+        dtype: float type of the inputs, outputs and float constants (np.float32 or np.float64).
+        seed: seed of ``self.rng``, the generator for constant weights (drawn in float32).
+    """
+
+    def __init__(self, dtype, seed: int) -> None:
+        self.dtype = np.dtype(dtype)
+        self.elem = _ELEM[self.dtype]
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.domains: set[str] = set()
+        self._count = 0
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def input(self, name: str, *shape: int) -> str:
+        self.inputs.append(oh.make_tensor_value_info(name, self.elem, ["n", *shape]))
+        return name
+
+    def const(self, value, hint: str = "c", exact: bool = False) -> str:
+        """An initializer; float values are rounded to float32 and stored in the graph's float type (same
+        numbers in both graphs) unless ``exact``."""
+        array = np.asarray(value)
+        if array.dtype.kind == "f" and not exact:
+            array = array.astype(np.float32).astype(self.dtype)
+        name = self._name(hint)
+        self.initializers.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def ints(self, *values: int) -> str:
+        return self.const(np.array(values, dtype=np.int64), "ints")
+
+    def weight(self, *shape: int, scale: float = 1.0) -> str:
+        """A constant drawn from N(0, scale²)."""
+        return self.const(self.rng.normal(size=shape) * scale, "w")
+
+    def __call__(self, op_type: str, *inputs: str | None, outputs: int = 1, domain: str = "", **attrs):
+        """Add a node; returns its output name (a list of names when ``outputs > 1``)."""
+        names = [self._name(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(oh.make_node(op_type, [i or "" for i in inputs], names, name=self._name(op_type),
+                                       domain=domain, **attrs))
+        if domain:
+            self.domains.add(domain)
+        return names[0] if outputs == 1 else names
+
+    def model(self, outputs: Sequence[str], opset: int = OPSET) -> onnx.ModelProto:
+        graph = oh.make_graph(self.nodes, "spec", self.inputs, [onnx.ValueInfoProto(name=o) for o in outputs],
+                              initializer=self.initializers)
+        imports = [oh.make_opsetid("", opset)] + [oh.make_opsetid(d, 1) for d in sorted(self.domains)]
+        model = oh.make_model(graph, opset_imports=imports)
+        model.ir_version = IR_VERSION
+        return onnx.shape_inference.infer_shapes(model, strict_mode=not self.domains)
+
+
+# --------------------------------------------------------------------------------------------------
+# specs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One line of the table.
+
+    Attributes:
+        name: test id.
+        build: writes the graph into a :class:`Graph` and returns its output name(s).
+        dist: one distribution for every input, or one per input name.
+        opset: the graph's default-domain opset.
+    """
+
+    name: str
+    build: Callable[[Graph], str | Sequence[str]]
+    dist: Dist | Mapping[str, Dist] = normal
+    opset: int = OPSET
+    tags: tuple[str, ...] = field(default=())
+
+    def model(self, dtype=np.float32) -> onnx.ModelProto:
+        g = Graph(dtype, zlib.crc32(self.name.encode()))
+        outputs = self.build(g)
+        return g.model([outputs] if isinstance(outputs, str) else list(outputs), self.opset)
+
+    def draw(self, rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        dist = self.dist[name] if isinstance(self.dist, Mapping) else self.dist
+        return np.asarray(dist(rng, shape), dtype=np.float32)
+
+
+def unary(op_type: str, shape=(2, 3), **attrs) -> Callable[[Graph], str]:
+    """``y = op(x)`` with constant extra inputs given as ``attrs['inputs']`` (list of arrays or None)."""
+    extra = attrs.pop("inputs", [])
+
+    def build(g: Graph) -> str:
+        x = g.input("x", *shape)
+        return g(op_type, x, *[None if c is None else g.const(c) for c in extra], **attrs)
+
+    return build
+
+
+def two(op_type: str, a_shape=(5,), b_shape=(5,), **attrs) -> Callable[[Graph], str]:
+    """``z = op(a, b)`` with two variable inputs (graph inputs a and b)."""
+
+    def build(g: Graph) -> str:
+        return g(op_type, g.input("a", *a_shape), g.input("b", *b_shape), **attrs)
+
+    return build
+
+
+# -- linear ops: values must equal J·(x − mean r) exactly ----------------------------------------------
+
+
+def _gemm(trans_a: int, trans_b: int, alpha: float, beta: float, bias_shape) -> Callable[[Graph], str]:
+    def build(g: Graph) -> str:
+        x = g.input("x", 4)
+        a = g("Transpose", x, perm=[1, 0]) if trans_a else x
+        b = g.weight(5, 4) if trans_b else g.weight(4, 5)
+        c = [g.weight(*bias_shape)] if bias_shape else []
+        return g("Gemm", a, b, *c, transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
+
+    return build
+
+
+def _gemm_variable_b(g: Graph) -> str:
+    """``Gemm(W, x, transB=1)`` = W·xᵀ: (5, n); the batch ends up on axis 1, transposed back."""
+    x = g.input("x", 4)
+    return g("Transpose", g("Gemm", g.weight(5, 4), x, g.weight(5, 1), transB=1), perm=[1, 0])
+
+
+def _matmul_left(g: Graph) -> str:
+    return g("MatMul", g.weight(5, 3), g.input("x", 3, 4))
+
+
+def _conv(in_shape, w_shape, bias=True, **attrs) -> Callable[[Graph], str]:
+    def build(g: Graph) -> str:
+        x = g.input("x", *in_shape)
+        b = [g.weight(w_shape[0])] if bias else []
+        return g("Conv", x, g.weight(*w_shape, scale=0.5), *b, **attrs)
+
+    return build
+
+
+def _conv_transpose(in_shape, w_shape, **attrs) -> Callable[[Graph], str]:
+    def build(g: Graph) -> str:
+        x = g.input("x", *in_shape)
+        groups = attrs.get("group", 1)
+        return g("ConvTranspose", x, g.weight(*w_shape, scale=0.5), g.weight(w_shape[1] * groups), **attrs)
+
+    return build
+
+
+def _batchnorm(shape) -> Callable[[Graph], str]:
+    def build(g: Graph) -> str:
+        c = shape[0]
+        var = g.const(g.rng.uniform(0.5, 2.0, c))
+        return g("BatchNormalization", g.input("x", *shape), g.weight(c), g.weight(c), g.weight(c), var,
+                 epsilon=1e-3)
+
+    return build
+
+
+def _reduce(op_type: str, shape, axes, keepdims: int) -> Callable[[Graph], str]:
+    def build(g: Graph) -> str:
+        return g(op_type, g.input("x", *shape), g.ints(*axes), keepdims=keepdims)
+
+    return build
+
+
+def _split(g: Graph, used: Sequence[int]) -> list[str]:
+    parts = g("Split", g.input("x", 6, 2), g.ints(1, 3, 2), axis=1, outputs=3)
+    return [g("Mul", parts[i], g.const(1.5 + i)) if i == 2 else parts[i] for i in used]
+
+
+def _slice(shape, starts, ends, axes, steps) -> Callable[[Graph], str]:
+    def build(g: Graph) -> str:
+        return g("Slice", g.input("x", *shape), g.ints(*starts), g.ints(*ends), g.ints(*axes), g.ints(*steps))
+
+    return build
+
+
+def _gather(indices, axis: int) -> Callable[[Graph], str]:
+    def build(g: Graph) -> str:
+        return g("Gather", g.input("x", 3, 4), g.const(np.array(indices, dtype=np.int64)), axis=axis)
+
+    return build
+
+
+def _pad(mode: str, pads, value=None) -> Callable[[Graph], str]:
+    def build(g: Graph) -> str:
+        extra = [g.const(np.float32(value))] if value is not None else []
+        return g("Pad", g.input("x", 3, 4), g.ints(*pads), *extra, mode=mode)
+
+    return build
+
+
+def _where_const(g: Graph) -> str:
+    cond = g.const(g.rng.uniform(size=(3, 4)) > 0.5)
+    return g("Where", cond, g.input("x", 3, 4), g.weight(3, 4))
+
+
+def _where_broadcast(g: Graph) -> str:
+    cond = g.const(g.rng.uniform(size=(3, 1)) > 0.3)
+    return g("Where", cond, g.weight(1, 4), g.input("x", 1, 4))
+
+
+def _where_two_inputs(g: Graph) -> str:
+    cond = g.const(np.array([[True, False, True, False]]))
+    return g("Where", cond, g.input("a", 3, 4), g.input("b", 3, 1))
+
+
+def _cast_chain(g: Graph) -> str:
+    wide = g("Cast", g.input("x", 2, 3), to=onnx.TensorProto.DOUBLE)
+    return g("Cast", g("Mul", wide, g.const(np.float64(2.0), exact=True)), to=g.elem)
+
+
+def _sum_mean(g: Graph) -> list[str]:
+    x = g.input("x", 2, 3)
+    return [g("Sum", x, g.weight(3), g("Neg", x)), g("Mean", x, g.weight(2, 1), x)]
+
+
+LINEAR: list[Spec] = [
+    Spec("add_broadcast_const", lambda g: g("Add", g.input("x", 3, 4), g.weight(4))),
+    Spec("add_const_column", lambda g: g("Add", g.weight(3, 1), g.input("x", 3, 4))),
+    Spec("add_two_inputs_broadcast", lambda g: g("Add", g.input("a", 3, 1), g.input("b", 1, 4))),
+    Spec("sub_const", lambda g: g("Sub", g.input("x", 3, 4), g.weight(1, 4))),
+    Spec("sub_from_const", lambda g: g("Sub", g.weight(3, 1), g.input("x", 3, 4))),
+    Spec("sub_two_inputs", lambda g: g("Sub", g.input("a", 4), g.input("b", 4))),
+    Spec("neg", unary("Neg")),
+    Spec("sum_mean", _sum_mean),
+    Spec("mul_const_broadcast", lambda g: g("Mul", g.input("x", 3, 4), g.weight(3, 1))),
+    Spec("mul_const_left", lambda g: g("Mul", g.weight(4), g.input("x", 3, 4))),
+    Spec("div_by_const", lambda g: g("Div", g.input("x", 3, 4), g.const(g.rng.uniform(0.5, 2, (4,))))),
+    Spec("matmul_const_right", lambda g: g("MatMul", g.input("x", 2, 4), g.weight(4, 5))),
+    Spec("matmul_const_right_1d", lambda g: g("MatMul", g.input("x", 4), g.weight(4))),
+    Spec("matmul_const_left", _matmul_left),
+    Spec("matmul_const_left_1d", lambda g: g("MatMul", g.weight(3), g.input("x", 3, 4))),
+    Spec("gemm_transb_alpha_beta", _gemm(0, 1, 0.5, 2.0, (5,))),
+    Spec("gemm_plain_row_bias", _gemm(0, 0, 1.0, 1.0, (1, 5))),
+    Spec("gemm_transa_no_bias", _gemm(1, 0, 1.5, 1.0, None)),
+    Spec("gemm_variable_b", _gemm_variable_b),
+    Spec("conv1d_stride_pads", _conv((2, 9), (3, 2, 3), strides=[2], pads=[1, 1])),
+    Spec("conv2d_strides_pads_dilations", _conv((2, 6, 7), (4, 2, 3, 3), strides=[2, 1], pads=[1, 0, 1, 2],
+                                                 dilations=[1, 2])),
+    Spec("conv2d_same_upper", _conv((2, 5, 6), (3, 2, 3, 2), strides=[2, 2], auto_pad="SAME_UPPER")),
+    Spec("conv2d_groups", _conv((4, 5, 5), (6, 2, 3, 3), bias=False, group=2, pads=[1, 1, 1, 1])),
+    Spec("conv2d_depthwise", _conv((3, 5, 5), (6, 1, 3, 3), group=3, strides=[2, 2])),
+    Spec("conv3d", _conv((2, 4, 4, 5), (3, 2, 2, 2, 3), strides=[2, 1, 2], pads=[0, 1, 1, 1, 0, 1])),
+    Spec("conv_transpose2d", _conv_transpose((3, 3, 4), (3, 2, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1],
+                                             output_padding=[1, 0])),
+    Spec("conv_transpose1d_groups_dilations", _conv_transpose((4, 5), (4, 1, 3), group=2, dilations=[2],
+                                                              strides=[2])),
+    Spec("batchnorm_2d", _batchnorm((3, 4, 4))),
+    Spec("batchnorm_features", _batchnorm((5,))),
+    Spec("avgpool_pads_exclude", unary("AveragePool", (2, 5, 5), kernel_shape=[3, 3], strides=[2, 2],
+                                       pads=[1, 1, 1, 1])),
+    Spec("avgpool_pads_include", unary("AveragePool", (2, 5, 5), kernel_shape=[3, 3], strides=[2, 2],
+                                       pads=[1, 1, 1, 1], count_include_pad=1)),
+    Spec("avgpool_ceil_mode", unary("AveragePool", (2, 6, 6), kernel_shape=[3, 3], strides=[2, 2],
+                                    ceil_mode=1)),
+    Spec("avgpool1d", unary("AveragePool", (2, 7), kernel_shape=[2], strides=[2])),
+    Spec("global_avgpool", unary("GlobalAveragePool", (3, 3, 4))),
+    Spec("reducesum_keepdims", _reduce("ReduceSum", (3, 4), [1], 1)),
+    Spec("reducesum_no_keepdims", _reduce("ReduceSum", (2, 3, 4), [1, -1], 0)),
+    Spec("reducemean_keepdims", _reduce("ReduceMean", (2, 3, 4), [-1], 1)),
+    Spec("reducemean_no_keepdims", _reduce("ReduceMean", (2, 3, 4), [2, 1], 0)),
+    Spec("reshape", lambda g: g("Reshape", g.input("x", 2, 6), g.ints(0, 3, -1))),
+    Spec("flatten", unary("Flatten", (2, 3, 2), axis=1)),
+    Spec("flatten_axis2", lambda g: g("Reshape", g("Flatten", g.input("x", 2, 3, 2), axis=2), g.ints(-1, 12))),
+    Spec("transpose", unary("Transpose", (2, 3, 4), perm=[0, 3, 1, 2])),
+    Spec("squeeze", lambda g: g("Squeeze", g.input("x", 1, 4, 1), g.ints(1, 3))),
+    Spec("unsqueeze", lambda g: g("Unsqueeze", g.input("x", 4), g.ints(1, -1))),
+    Spec("concat_with_const", lambda g: g("Concat", g.input("x", 2, 3), g.weight(1, 2, 2), axis=-1)),
+    Spec("concat_two_inputs", lambda g: g("Concat", g.input("a", 2, 3), g.input("b", 1, 3), axis=1)),
+    Spec("split_both_used", lambda g: _split(g, [0, 1, 2])),
+    Spec("split_one_unused", lambda g: _split(g, [0, 2])),
+    Spec("slice_step1", _slice((4, 5), [1, 0], [3, 4], [1, 2], [1, 1])),
+    Spec("slice_step2", _slice((5, 4), [0], [5], [1], [2])),
+    Spec("slice_negative", _slice((5, 4), [-1, 3], [-100, 0], [1, 2], [-2, -1])),
+    Spec("gather_scalar", _gather(2, 1)),
+    Spec("gather_vector_repeats", _gather([3, 0, 3, -1], 2)),
+    Spec("gather_2d_indices", _gather([[0, 2], [2, 1]], 1)),
+    Spec("pad_constant", _pad("constant", [0, 1, 0, 0, 0, 2], value=0.7)),
+    Spec("pad_constant_crop", _pad("constant", [0, -1, 1, 0, 1, -1])),
+    Spec("pad_reflect", _pad("reflect", [0, 2, 1, 0, 0, 3])),
+    Spec("pad_edge", _pad("edge", [0, 1, 2, 0, 2, 1])),
+    Spec("pad_wrap", _pad("wrap", [0, 1, 0, 0, 1, 2])),
+    Spec("expand", lambda g: g("Expand", g.input("x", 1, 4), g.ints(1, 3, 4))),
+    Spec("expand_new_axes", lambda g: g("Expand", g.input("x", 3, 1), g.ints(2, 1, 3, 4))),
+    Spec("tile", lambda g: g("Tile", g.input("x", 2, 2), g.ints(1, 2, 3))),
+    Spec("identity_dropout", lambda g: g("Dropout", g("Identity", g.input("x", 2, 3)))),
+    Spec("cast_float_chain", _cast_chain),
+    Spec("where_const_cond", _where_const),
+    Spec("where_const_cond_broadcast", _where_broadcast),
+    Spec("where_const_cond_two_inputs", _where_two_inputs),
+]
+
+
+# -- elementwise ops (one rescale each): additivity + finite differences --------------------------------
+
+
+def _gate(make_condition: Callable[[Graph, str], str]) -> Callable[[Graph], str]:
+    """``Where(cond(x), sin(x), 0.5·x)``: a boolean op inside an elementwise region."""
+
+    def build(g: Graph) -> str:
+        x = g.input("x", 2, 3)
+        return g("Where", make_condition(g, x), g("Sin", x), g("Mul", x, g.const(0.5)))
+
+    return build
+
+
+def _masked(g: Graph) -> str:
+    """``x · float(x > 0.3)``: Cast of a comparison, multiplied back in (a step, 0 slope off the jump)."""
+    x = g.input("x", 2, 3)
+    return g("Mul", g("Cast", g("Greater", x, g.const(0.3)), to=g.elem), x)
+
+
+def _region_arithmetic(g: Graph) -> str:
+    """Add/Sub/Sum/Mean/Neg/Identity/Div joining branches of one source: one region, one rescale."""
+    x = g.input("x", 2, 3)
+    s = g("Sum", g("Sin", x), g("Neg", x), g("Mean", g("Cos", x), g("Identity", x)))
+    return g("Sub", g("Div", s, g("Add", g("Exp", x), g.const(1.0))), g("Tanh", x))
+
+
+ELEMENTWISE: list[Spec] = [
+    Spec("relu", unary("Relu"), KINK0),
+    Spec("leaky_relu", unary("LeakyRelu", alpha=0.2), KINK0),
+    Spec("prelu", unary("PRelu", (2, 3), inputs=[np.array([0.1, -0.3, 0.5])]), KINK0),
+    Spec("thresholded_relu", unary("ThresholdedRelu", alpha=0.5), away(0.5)),
+    Spec("elu", unary("Elu", alpha=0.7), KINK0),
+    Spec("selu", unary("Selu"), KINK0),
+    Spec("celu", unary("Celu", alpha=1.5), KINK0),
+    Spec("sigmoid", unary("Sigmoid"), away(low=-4, high=4)),
+    Spec("hard_sigmoid", unary("HardSigmoid", alpha=0.3, beta=0.4), away(-4 / 3, 2, low=-3, high=3)),
+    Spec("hard_swish", unary("HardSwish"), away(-3, 3, low=-4.5, high=4.5)),
+    Spec("tanh", unary("Tanh")),
+    Spec("softplus", unary("Softplus"), away(low=-3, high=3)),
+    Spec("softsign", unary("Softsign"), KINK0),
+    Spec("gelu", unary("Gelu"), away(low=-3, high=3)),
+    Spec("gelu_tanh", unary("Gelu", approximate="tanh"), away(low=-3, high=3)),
+    Spec("mish", unary("Mish"), away(low=-3, high=3)),
+    Spec("erf", unary("Erf")),
+    Spec("exp", unary("Exp")),
+    Spec("log", unary("Log"), positive),
+    Spec("sqrt", unary("Sqrt"), positive),
+    Spec("reciprocal", unary("Reciprocal"), away(0.0, gap=0.5)),
+    Spec("abs", unary("Abs"), KINK0),
+    Spec("sin", unary("Sin"), away(low=-3, high=3)),
+    Spec("cos", unary("Cos"), away(low=-3, high=3)),
+    Spec("clip_min_max", unary("Clip", inputs=[np.float32(-0.5), np.float32(0.8)]), away(-0.5, 0.8)),
+    Spec("clip_max_only", unary("Clip", inputs=[None, np.float32(0.8)]), away(0.8)),
+    Spec("pow_const_exponent", unary("Pow", inputs=[np.float32(2.5)]), positive),
+    Spec("pow_integer_exponent", unary("Pow", inputs=[np.float32(3.0)])),
+    Spec("pow_const_base", lambda g: g("Pow", g.const(1.7), g.input("x", 2, 3))),
+    Spec("max_with_const", lambda g: g("Max", g.input("x", 2, 3), g.const(0.2)), away(0.2)),
+    Spec("min_with_const_row", lambda g: g("Min", g.weight(3), g.input("x", 2, 3)), distinct),
+    Spec("div_const_by_x", lambda g: g("Div", g.const(1.3), g.input("x", 2, 3)), positive),
+    Spec("floor", unary("Floor"), off_integers(0.5, 0.4)),
+    Spec("ceil", unary("Ceil"), off_integers(0.5, 0.4)),
+    Spec("round", unary("Round"), off_integers(0.0, 0.4)),
+    Spec("sign", unary("Sign"), KINK0),
+    Spec("greater_cast_mul", _masked, away(0.3)),
+    Spec("where_less", _gate(lambda g, x: g("Less", x, g.const(0.3))), away(0.3)),
+    Spec("where_greater_or_equal", _gate(lambda g, x: g("GreaterOrEqual", x, g.const(-0.2))), away(-0.2)),
+    Spec("where_less_or_equal", _gate(lambda g, x: g("LessOrEqual", x, g.const(0.1))), away(0.1)),
+    Spec("where_equal", _gate(lambda g, x: g("Equal", x, g.const(0.25))), away(0.25)),
+    Spec("where_not_and_or_xor", _gate(lambda g, x: g("Xor", g("Or", g("Not", g("Greater", x, g.const(1.0))),
+                                                                    g("Less", x, g.const(-1.0))),
+                                                       g("And", g("Greater", x, g.const(0.0)),
+                                                         g("Less", x, g.const(0.5))))),
+         away(-1.0, 0.0, 0.5, 1.0)),
+    Spec("where_isnan_isinf", _gate(lambda g, x: g("Or", g("IsNaN", x), g("Not", g("IsInf", x))))),
+    Spec("region_arithmetic", _region_arithmetic, away(low=-2, high=2)),
+]
+
+
+# -- fusion regions, normalisation, softmax -------------------------------------------------------------
+
+
+def _silu(g: Graph) -> str:
+    x = g.input("x", 2, 3)
+    return g("Mul", x, g("Sigmoid", x))
+
+
+def _gelu_erf(g: Graph) -> str:
+    x = g.input("x", 2, 3)
+    cdf = g("Add", g.const(1.0), g("Erf", g("Div", x, g.const(np.sqrt(2.0)))))
+    return g("Mul", g("Mul", x, g.const(0.5)), cdf)
+
+
+def _leaky_where(g: Graph) -> str:
+    x = g.input("x", 2, 3)
+    return g("Where", g("Greater", x, g.const(0.0)), x, g("Mul", x, g.const(0.1)))
+
+
+def _mish_written(g: Graph) -> str:
+    x = g.input("x", 2, 3)
+    return g("Mul", x, g("Tanh", g("Softplus", x)))
+
+
+def _hard_swish_written(g: Graph) -> str:
+    x = g.input("x", 2, 3)
+    return g("Mul", x, g("HardSigmoid", x, alpha=1 / 6, beta=0.5))
+
+
+def _layer_norm(shape, axis: int) -> Callable[[Graph], str]:
+    """LayerNormalization over the axes from ``axis`` (counted with the batch) on, with scale and bias."""
+
+    def build(g: Graph) -> str:
+        x = g.input("x", *shape)
+        norm = (None, *shape)[axis:]
+        return g("LayerNormalization", x, g.weight(*norm), g.weight(*norm), axis=axis, epsilon=1e-3)
+
+    return build
+
+
+def _rms_norm(g: Graph) -> str:
+    x = g.input("x", 2, 4)
+    mean_square = g("ReduceMean", g("Mul", x, x), g.ints(-1))
+    return g("Mul", g("Div", x, g("Sqrt", g("Add", mean_square, g.const(1e-3)))), g.weight(4))
+
+
+def _mlp_head(g: Graph) -> str:
+    """Linear → softmax over classes: the usual explained-probabilities head."""
+    return g("Softmax", g("Add", g("MatMul", g.input("x", 4), g.weight(4, 3)), g.weight(3)), axis=-1)
+
+
+FUSION: list[Spec] = [
+    Spec("silu_written", _silu, away(low=-3, high=3)),
+    Spec("gelu_written_erf", _gelu_erf, away(low=-3, high=3)),
+    Spec("leaky_relu_where", _leaky_where, KINK0),
+    Spec("mish_written", _mish_written, away(low=-3, high=3)),
+    Spec("hard_swish_written", _hard_swish_written, away(-3, 3, low=-4.5, high=4.5)),
+    Spec("x_times_x", lambda g: g("Mul", *[g.input("x", 2, 3)] * 2)),
+    Spec("layer_norm_last", _layer_norm((3, 5), -1)),
+    Spec("layer_norm_last_two", _layer_norm((3, 4), 1)),
+    Spec("rms_norm_written", _rms_norm),
+    Spec("softmax_last", unary("Softmax", (3, 4), axis=-1)),
+    Spec("softmax_axis1", unary("Softmax", (3, 4), axis=1)),
+    Spec("softmax_2d", unary("Softmax", (5,))),
+    Spec("logsoftmax_last", unary("LogSoftmax", (3, 4), axis=-1)),
+    Spec("logsoftmax_axis1", unary("LogSoftmax", (3, 4), axis=1)),
+    Spec("linear_softmax_head", _mlp_head),
+]
+
+
+# -- max-type: cross-max rule -------------------------------------------------------------------------
+
+
+MAX_TYPE: list[Spec] = [
+    Spec("maxpool2d_k3_s2_p1", unary("MaxPool", (2, 5, 5), kernel_shape=[3, 3], strides=[2, 2],
+                                     pads=[1, 1, 1, 1]), distinct),
+    Spec("maxpool2d_k2_s1", unary("MaxPool", (1, 4, 5), kernel_shape=[2, 2]), distinct),
+    Spec("maxpool2d_ceil_mode", unary("MaxPool", (2, 6, 6), kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+         distinct),
+    Spec("maxpool2d_dilations", unary("MaxPool", (1, 6, 7), kernel_shape=[2, 3], dilations=[2, 2],
+                                      strides=[1, 2], pads=[0, 1, 1, 0]), distinct),
+    Spec("maxpool2d_same_upper", unary("MaxPool", (2, 5, 4), kernel_shape=[3, 2], strides=[2, 2],
+                                       auto_pad="SAME_UPPER"), distinct),
+    Spec("maxpool1d_k3_s2_p1", unary("MaxPool", (2, 9), kernel_shape=[3], strides=[2], pads=[1, 1]), distinct),
+    Spec("maxpool1d_ceil_dilated", unary("MaxPool", (2, 10), kernel_shape=[3], strides=[3], dilations=[2],
+                                         ceil_mode=1), distinct),
+    Spec("maxpool3d", unary("MaxPool", (1, 4, 4, 4), kernel_shape=[2, 2, 2], strides=[2, 1, 2]), distinct),
+    Spec("global_maxpool", unary("GlobalMaxPool", (3, 3, 4)), distinct),
+    Spec("reducemax_keepdims", _reduce("ReduceMax", (3, 4), [-1], 1), distinct),
+    Spec("reducemax_two_axes_no_keepdims", _reduce("ReduceMax", (2, 3, 4), [1, 2], 0), distinct),
+    Spec("reducemin_keepdims", _reduce("ReduceMin", (3, 4), [1], 1), distinct),
+    Spec("reducemin_no_keepdims", _reduce("ReduceMin", (2, 3, 4), [-1], 0), distinct),
+]
+
+
+# -- two variable inputs: brute-force Shapley -----------------------------------------------------------
+
+
+def _matmul_bilinear(a_shape, b_shape) -> Callable[[Graph], str]:
+    def build(g: Graph) -> str:
+        return g("MatMul", g.input("a", *a_shape), g.input("b", *b_shape))
+
+    return build
+
+
+def _pairwise_games(g: Graph) -> list[str]:
+    """Three scalar features in pairwise games: x0·x1 + max(x1, x2) + x2/x0, and x0 − min(x0, x2)."""
+    x0, x1, x2 = g("Split", g.input("x", 3), g.ints(1, 1, 1), axis=1, outputs=3)
+    first = g("Sum", g("Mul", x0, x1), g("Max", x1, x2), g("Div", x2, x0))
+    return [first, g("Sub", x0, g("Min", x0, x2))]
+
+
+def _x0_positive_grid(rng, shape):
+    """x0 ∈ [0.5, 2] (a denominator), x1 and x2 on grids 0.05 apart (max/min never tie)."""
+    x = grid(0.0)(rng, shape)
+    x[..., 0] = rng.uniform(0.5, 2.0, size=x.shape[:-1])
+    x[..., 2] += 0.05
+    return x
+
+
+SHAPLEY: list[Spec] = [
+    Spec("mul_two_inputs", two("Mul")),
+    Spec("mul_two_inputs_broadcast", two("Mul", (3, 1), (1, 2))),
+    Spec("div_two_inputs", two("Div"), {"a": normal, "b": away(0.0, gap=0.5)}),
+    Spec("max_two_inputs", two("Max"), {"a": grid(0.0), "b": grid(0.05)}),
+    Spec("min_two_inputs_broadcast", two("Min", (2, 3), (1, 3)), {"a": grid(0.0), "b": grid(0.05)}),
+    Spec("pow_two_inputs", two("Pow"), {"a": positive, "b": normal}),
+    Spec("matmul_bilinear_2x2x3", _matmul_bilinear((2, 2), (2, 3))),
+    Spec("pairwise_scalar_games", _pairwise_games, _x0_positive_grid),
+]
+
+# bilinear MatMul against the closed form M_A = M_Z·((B_x + B_r)/2)ᵀ, M_B = ((A_x + A_r)/2)ᵀ·M_Z
+BILINEAR: list[Spec] = [
+    Spec("matmul_bilinear_3d", _matmul_bilinear((2, 3), (3, 4))),
+    Spec("matmul_bilinear_4d", _matmul_bilinear((2, 2, 3), (2, 3, 2))),
+]
+
+ALL: dict[str, Spec] = {s.name: s for s in LINEAR + ELEMENTWISE + FUSION + MAX_TYPE + SHAPLEY + BILINEAR}
+assert len(ALL) == len(LINEAR + ELEMENTWISE + FUSION + MAX_TYPE + SHAPLEY + BILINEAR), "duplicate spec names"
