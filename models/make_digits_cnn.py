@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from converters import export_torch  # noqa: E402
+from converters import export_torch
 
 SEED = 0
 EPOCHS = 40

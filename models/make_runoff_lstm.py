@@ -51,7 +51,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from converters import export_torch  # noqa: E402
+from converters import export_torch
 
 SEED = 0
 YEARS = 800

@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from converters import export_torch  # noqa: E402
+from converters import export_torch
 
 SEED = 0
 STEPS, VARIABLES = 10, 3

@@ -60,14 +60,29 @@ class PairContext:
         return self.lowered.dtypes[value.name]
 
     # -- values ---------------------------------------------------------------------------------------
+    def const(self, value: ir.Value) -> ir.Value:
+        """A tensor that is the same for x and r, in a form that broadcasts against any number of rows.
+
+        A row-constant tensor (sized from the batch but equal in every row, like a zero initial state) is
+        replaced by its first row; any other constant is returned as is.
+        """
+        axis = self.lowered.batch_axes.get(value.name)
+        if not isinstance(axis, int) or value.name not in self.lowered.row_constant:
+            return value
+        key = ("first_row", value.name)
+        if key not in self._cache:
+            e = self.emit
+            self._cache[key] = e.op("Slice", [value, e.ints([0]), e.ints([1]), e.ints([axis])], hint="first_row")
+        return self._cache[key]
+
     def x(self, value: ir.Value) -> ir.Value:
         """The sample-side tensor (n rows): the forward value itself."""
-        return value
+        return value if self.is_variable(value) else self.const(value)
 
     def r(self, value: ir.Value) -> ir.Value:
         """The reference-side tensor (m rows) of a variable tensor; a constant tensor is its own."""
         if not self.is_variable(value):
-            return value
+            return self.const(value)
         if value.name not in self.reference_requests:
             placeholder = ir.Value(name=f"reference/{value.name}")
             self.reference_requests[value.name] = placeholder
@@ -114,11 +129,12 @@ class PairContext:
         constant of full rank needs two unit axes inserted there.
         """
         like = like or value
+        value = self.const(value)
         if self.is_variable(like):
             b, rank = self.batch_axis(like), self.rank(like)
         else:
             return value
-        shape = self.shape(value) if value.name in self.lowered.shapes else tuple(value.shape)
+        shape = tuple(value.shape) if value.shape is not None else self.shape(value)
         if len(shape) <= rank - b - 1:
             return value  # only covers axes after the batch: broadcasts as is
         padded = (1,) * (rank - len(shape)) + tuple(shape)

@@ -77,7 +77,7 @@ def image_plot(
         _show_input(axes[row, 0], shown[row])
         for col in range(maps.shape[-1]):
             ax = axes[row, col + 1]
-            ax.imshow(gray[row], cmap="gray", alpha=0.35, interpolation="nearest")
+            ax.imshow(gray[row], cmap="gray", alpha=0.2, interpolation="nearest")
             ax.imshow(maps[row, ..., col], cmap=overlay, vmin=-limit, vmax=limit, interpolation="nearest")
     axes[0, 0].set_title("input")
     for col, name in enumerate(names):
@@ -101,7 +101,7 @@ def timeseries_heatmap(
     Given SHAP values of many samples, ``(n, T, V)``, each cell is the mean |φ| over the samples: how much
     that variable at that step moves the output on average (a sequential colour scale from zero). Given one
     sample's values, ``(T, V)``, each cell is the signed φ on a zero-centred diverging scale (red raises the
-    output, blue lowers it). A trailing output axis of size 1 is dropped.
+    output, blue lowers it). A trailing output axis of size 1, ``(n, T, V, 1)``, is dropped.
 
     Args:
         values: SHAP values ``(n, T, V)`` or ``(T, V)``, time on the first axis after the samples.
@@ -159,9 +159,11 @@ def importance_bar(
 ) -> Figure:
     """Horizontal bar chart of global importance, largest on top.
 
-    Given SHAP values with the variables on the last axis, e.g. ``(n, F)`` or ``(n, T, V)``, the importance
-    of a variable is its mean |φ| over all other axes (samples and time steps). A 1-D array is taken as the
-    importance itself. Beyond ``top`` variables, the rest are summed into one grey bar.
+    Given SHAP values with the samples first and the variables last, ``(n, F)`` or ``(n, T, V)``, the
+    importance of a variable is its mean |φ| over the samples; with time steps (or any axes) between, its
+    |φ| is summed over them first, so the bar is the average total attribution the variable carries in one
+    sample. A 1-D array is taken as the importance itself. Beyond ``top`` variables, the rest are summed
+    into one grey bar.
 
     Args:
         values_or_importance: SHAP values (variables on the last axis) or a 1-D importance per variable.
@@ -180,7 +182,7 @@ def importance_bar(
     data = _values_array(values_or_importance)
     if data.size == 0 or data.ndim == 0:
         raise ValueError(f"importance_bar needs a non-empty array; got shape {data.shape}")
-    importance = data if data.ndim == 1 else np.abs(data).reshape(-1, data.shape[-1]).mean(axis=0)
+    importance = _importance(data)
     labels = _names(names, importance.size, "x", sep="")
     order = np.argsort(-importance, kind="stable")
     bars = [(labels[i], float(importance[i]), "#d6604d") for i in order[:top]]
@@ -195,7 +197,7 @@ def importance_bar(
     for yi, (_, value, _) in zip(y, bars):
         ax.annotate(f"{value:.3g}", (value, yi), xytext=(3, 0), textcoords="offset points", va="center",
                     fontsize=8)
-    ax.set_xlabel("mean |SHAP value|" if data.ndim > 1 else "importance")
+    ax.set_xlabel({1: "importance", 2: "mean |SHAP value|"}.get(data.ndim, "mean of Σ|SHAP value| over steps"))
     ax.margins(x=0.15)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
@@ -205,6 +207,14 @@ def importance_bar(
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _importance(data: np.ndarray) -> np.ndarray:
+    """Per variable (last axis): 1-D data as is, else mean over axis 0 of |φ| summed over middle axes."""
+    if data.ndim == 1:
+        return data
+    magnitude = np.abs(data).reshape(data.shape[0], -1, data.shape[-1]).sum(axis=1)
+    return magnitude.mean(axis=0)
 
 
 def _matplotlib():
@@ -316,7 +326,7 @@ def _channel_sum(values: np.ndarray, layout: str) -> np.ndarray:
 def _image_grid(mpl, rows: int, outputs: int):
     """A Figure with rows × (1 + outputs) bare square panels."""
     size = 1.5 if outputs > 4 else 1.9
-    fig = mpl.figure.Figure(figsize=(size * (outputs + 1), size * rows + 0.9), dpi=DPI, layout="constrained")
+    fig = mpl.figure.Figure(figsize=(size * (outputs + 1), size * rows + 0.9), dpi=DPI, layout="compressed")
     axes = fig.subplots(rows, outputs + 1, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])

@@ -107,7 +107,8 @@ def _check(ctx: PairContext, fusion: Fusion, nodes: list[ir.Node], outputs: set[
         for value in node.inputs:
             if value is None or ctx.is_variable(value):
                 continue
-            if isinstance(ctx.lowered.batch_axes.get(value.name), int):
+            if isinstance(ctx.lowered.batch_axes.get(value.name), int) and \
+                    value.name not in ctx.lowered.row_constant:
                 refusals.add(node, f"input {value.name!r} depends on the data through a path that bypasses "
                                    "the explained tensors")
         for value in node.inputs:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -173,13 +173,14 @@ class Spec:
         build: writes the graph into a :class:`Graph` and returns its output name(s).
         dist: one distribution for every input, or one per input name.
         opset: the graph's default-domain opset.
+        xfail: why onnxshap cannot explain this graph yet (the tests expect the failure, strictly).
     """
 
     name: str
     build: Callable[[Graph], str | Sequence[str]]
     dist: Dist | Mapping[str, Dist] = normal
     opset: int = OPSET
-    tags: tuple[str, ...] = field(default=())
+    xfail: str | None = None
 
     def model(self, dtype=np.float32) -> onnx.ModelProto:
         g = Graph(dtype, zlib.crc32(self.name.encode()))
@@ -318,8 +319,23 @@ def _cast_chain(g: Graph) -> str:
 
 
 def _sum_mean(g: Graph) -> list[str]:
+    a, b = g.input("a", 2, 3), g.input("b", 2, 1)
+    return [g("Sum", a, g.weight(3), b), g("Mean", b, g.weight(2, 3), a, a)]
+
+
+def _concat_cls_token(g: Graph) -> str:
+    """A constant row broadcast to the batch (Shape → Slice → Concat → Expand), then concatenated: the
+    class-token pattern of vision transformers."""
     x = g.input("x", 2, 3)
-    return [g("Sum", x, g.weight(3), g("Neg", x)), g("Mean", x, g.weight(2, 1), x)]
+    batch = g("Slice", g("Shape", x), g.ints(0), g.ints(1))
+    token = g("Expand", g.weight(1, 1, 3), g("Concat", batch, g.ints(1, 3), axis=0))
+    return g("Concat", token, x, axis=1)
+
+
+def _expand_new_axes(g: Graph) -> str:
+    """Expand to a shape with a new leading axis: the batch moves to axis 1, transposed back."""
+    wide = g("Expand", g.input("x", 3, 1), g.ints(2, 1, 3, 4))
+    return g("Transpose", wide, perm=[1, 0, 2, 3])
 
 
 LINEAR: list[Spec] = [
@@ -369,11 +385,12 @@ LINEAR: list[Spec] = [
     Spec("reducemean_no_keepdims", _reduce("ReduceMean", (2, 3, 4), [2, 1], 0)),
     Spec("reshape", lambda g: g("Reshape", g.input("x", 2, 6), g.ints(0, 3, -1))),
     Spec("flatten", unary("Flatten", (2, 3, 2), axis=1)),
-    Spec("flatten_axis2", lambda g: g("Reshape", g("Flatten", g.input("x", 2, 3, 2), axis=2), g.ints(-1, 12))),
+    Spec("flatten_negative_axis", unary("Flatten", (2, 3, 2), axis=-3)),
     Spec("transpose", unary("Transpose", (2, 3, 4), perm=[0, 3, 1, 2])),
     Spec("squeeze", lambda g: g("Squeeze", g.input("x", 1, 4, 1), g.ints(1, 3))),
     Spec("unsqueeze", lambda g: g("Unsqueeze", g.input("x", 4), g.ints(1, -1))),
-    Spec("concat_with_const", lambda g: g("Concat", g.input("x", 2, 3), g.weight(1, 2, 2), axis=-1)),
+    Spec("concat_cls_token", _concat_cls_token, xfail="sweep refuses a batch-following tensor that depends on the "
+         "input's shape only (Expand of a constant to the batch): 'bypasses the explained tensors'"),
     Spec("concat_two_inputs", lambda g: g("Concat", g.input("a", 2, 3), g.input("b", 1, 3), axis=1)),
     Spec("split_both_used", lambda g: _split(g, [0, 1, 2])),
     Spec("split_one_unused", lambda g: _split(g, [0, 2])),
@@ -389,7 +406,7 @@ LINEAR: list[Spec] = [
     Spec("pad_edge", _pad("edge", [0, 1, 2, 0, 2, 1])),
     Spec("pad_wrap", _pad("wrap", [0, 1, 0, 0, 1, 2])),
     Spec("expand", lambda g: g("Expand", g.input("x", 1, 4), g.ints(1, 3, 4))),
-    Spec("expand_new_axes", lambda g: g("Expand", g.input("x", 3, 1), g.ints(2, 1, 3, 4))),
+    Spec("expand_new_axes", _expand_new_axes),
     Spec("tile", lambda g: g("Tile", g.input("x", 2, 2), g.ints(1, 2, 3))),
     Spec("identity_dropout", lambda g: g("Dropout", g("Identity", g.input("x", 2, 3)))),
     Spec("cast_float_chain", _cast_chain),

@@ -38,6 +38,8 @@ class LoweredModel:
         shapes: static shape of every tensor at the first probe batch size, by name.
         batch_axes: per tensor name, the batch axis, None (batch-independent) or "merged".
         dtypes: numpy dtype of every tensor, by name.
+        row_constant: tensors with a batch axis whose value does not depend on the data and is the same in
+            every row (zero initial states sized from the batch); rules may use their first row.
     """
 
     model: ir.Model
@@ -45,6 +47,7 @@ class LoweredModel:
     shapes: dict[str, tuple[int, ...]]
     batch_axes: dict[str, int | None | str]
     dtypes: dict[str, np.dtype]
+    row_constant: frozenset[str] = frozenset()
 
     def feature_shape(self, name: str) -> tuple[int, ...]:
         """The shape with the batch axis dropped."""
@@ -80,13 +83,30 @@ def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMod
     for init in model.graph.initializers.values():
         probe_a[init.name] = probe_b[init.name] = init.const_value.numpy()
     _annotate(model, probe_a, probe_b)
+    batch_axes = {n: batch_axis(a.shape, probe_b[n].shape) for n, a in probe_a.items()}
     return LoweredModel(
         model=model,
         opset=opset,
         shapes={n: a.shape for n, a in probe_a.items()},
-        batch_axes={n: batch_axis(a.shape, probe_b[n].shape) for n, a in probe_a.items()},
+        batch_axes=batch_axes,
         dtypes={n: a.dtype for n, a in probe_a.items()},
+        row_constant=_row_constant(model, probe_a, probe_b, batch_axes),
     )
+
+
+def _row_constant(model: ir.Model, probe_a: dict, probe_b: dict, batch_axes: dict) -> frozenset[str]:
+    """Tensors that follow the batch in shape only: not value-dependent, every row equal in both probes."""
+    from onnxshap.lower.fold import value_dependent
+
+    dependent = {v.name for v in value_dependent(model.graph)}
+    found = set()
+    for name, axis in batch_axes.items():
+        if not isinstance(axis, int) or name in dependent:
+            continue
+        if all(np.array_equal(np.take(p[name], [0], axis=axis).repeat(p[name].shape[axis], axis=axis), p[name])
+               for p in (probe_a, probe_b)):
+            found.add(name)
+    return frozenset(found)
 
 
 def _refuse_unknown_ops(model: ir.Model) -> None:

@@ -33,6 +33,7 @@ from onnxshap.errors import unsupported_nodes_error
 from onnxshap.lower.recurrent import (
     GraphEmitter,
     constant_array,
+    opset_version,
     remove_dead_inputs,
     replace_outputs,
     unique_prefix,
@@ -165,6 +166,7 @@ def _stack(em: GraphEmitter, values: list[ir.Value], axis: int, name: str) -> ir
 
 
 def _unroll_loop(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Folder) -> None:
+    """Replace a Loop by its iterations; raises _Refusal when the trip count is not static."""
     body = node.attributes["body"].as_graph()
     inputs = list(node.inputs) + [None] * (2 - len(node.inputs))
     trip_value, cond_value, carried = inputs[0], inputs[1], list(inputs[2:])
@@ -204,6 +206,7 @@ def _unroll_loop(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Fold
 
 
 def _unroll_scan(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Folder) -> None:
+    """Replace a Scan by its iterations; raises _Refusal when the sequence length is not static."""
     body = node.attributes["body"].as_graph()
     n_in = node.attributes.get_int("num_scan_inputs")
     states, xs = list(node.inputs[: len(node.inputs) - n_in]), list(node.inputs[len(node.inputs) - n_in:])
@@ -224,7 +227,8 @@ def _unroll_scan(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Fold
         raise _Refusal(f"scan inputs have sequence lengths {sorted(lengths)}")
     steps = lengths.pop()
     for j, axis in enumerate(out_axes):
-        rank = body.outputs[len(states) + j].shape.rank() if body.outputs[len(states) + j].shape else None
+        shape = body.outputs[len(states) + j].shape
+        rank = shape.rank() if shape is not None else None
         if axis < 0 and rank is None:
             raise _Refusal(f"scan output {j} has a negative axis and an unknown rank")
         out_axes[j] = axis % (rank + 1) if axis < 0 else axis
@@ -258,6 +262,7 @@ def _discard(nodes: list[ir.Node]) -> None:
 
 
 def _used(node: ir.Node, idx: int) -> bool:
+    """Whether output ``idx`` of ``node`` is read (by a node or as a graph output)."""
     out = node.outputs[idx]
     return bool(out.uses()) or out.is_graph_output()
 
@@ -282,7 +287,7 @@ def unroll_loops(model: ir.Model) -> bool:
         if not todo:
             break
         for node in todo:
-            if node.op_type == "Scan" and graph.opset_imports.get("", 21) < 9:
+            if node.op_type == "Scan" and opset_version(graph) < 9:
                 refused[node] = f"node {node.name!r}: Scan before opset 9 (with a batch axis) is not supported"
                 continue
             em = GraphEmitter(graph, unique_prefix(graph, node.name or node.op_type))

@@ -47,7 +47,8 @@ import onnx_ir as ir
 from onnxshap.errors import unsupported_nodes_error
 
 __all__ = [
-    "GraphEmitter", "constant_array", "remove_dead_inputs", "replace_outputs", "unique_prefix", "unroll_recurrent",
+    "GraphEmitter", "constant_array", "opset_version", "remove_dead_inputs", "replace_outputs", "unique_prefix",
+    "unroll_recurrent",
 ]
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,11 +135,13 @@ class GraphEmitter:
         return self.const(np.asarray(values, dtype=np.int64), name, np.int64)
 
     def squeeze(self, x: ir.Value, axes: list[int], name: str) -> ir.Value:
+        """Squeeze ``axes`` (axes as an input from opset 13, as an attribute before)."""
         if self.opset >= 13:
             return self.op("Squeeze", [x, self.ints(axes)], name)
         return self.op("Squeeze", [x], name, {"axes": axes})
 
     def unsqueeze(self, x: ir.Value, axes: list[int], name: str) -> ir.Value:
+        """Unsqueeze ``axes`` (axes as an input from opset 13, as an attribute before)."""
         if self.opset >= 13:
             return self.op("Unsqueeze", [x, self.ints(axes)], name)
         return self.op("Unsqueeze", [x], name, {"axes": axes})
@@ -152,9 +155,11 @@ class GraphEmitter:
         return self.op("Split", [x], name, {"axis": axis, "split": list(sizes)}, len(sizes))
 
     def concat(self, xs: list[ir.Value], axis: int, name: str) -> ir.Value:
+        """Concat along ``axis``; a single tensor is returned as is."""
         return xs[0] if len(xs) == 1 else self.op("Concat", xs, name, {"axis": axis})
 
     def clip(self, x: ir.Value, bound: float, name: str) -> ir.Value:
+        """Clip to [-bound, bound] (constant min/max inputs from opset 11, attributes before)."""
         if self.opset >= 11:
             return self.op("Clip", [x, self.const(-bound, "clip_min"), self.const(bound, "clip_max")], name)
         return self.op("Clip", [x], name, {"min": -bound, "max": bound})

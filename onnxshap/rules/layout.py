@@ -42,7 +42,7 @@ def reshape(ctx: PairContext, node: ir.Node, outs):
 def transpose(ctx: PairContext, node: ir.Node, outs):
     rank = ctx.rank(node.inputs[0])
     perm = op_attr(node, "perm", list(reversed(range(rank))))
-    return [ctx.emit.transpose(outs[0], list(np.argsort(perm)))]
+    return [ctx.emit.transpose(outs[0], [int(i) for i in np.argsort(perm)])]
 
 
 def _axis(node: ir.Node, rank: int, default: int = 0) -> int:
@@ -85,7 +85,8 @@ def _slice_spec(ctx: PairContext, node: ir.Node):
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = int(axis) + len(shape) if axis < 0 else int(axis)
         start, end, step = int(start), int(end), int(step)
-        spec[axis] = np.arange(shape[axis])[slice(*slice(start, end, step).indices(shape[axis]))]
+        # numpy's slice clamping is ONNX's (slice(...).indices() would turn an end before 0 into −1)
+        spec[axis] = np.arange(shape[axis])[start:end:step]
     return spec
 
 
@@ -108,7 +109,7 @@ def _select_along(ctx: PairContext, multiplier: ir.Value, axis: int, rank: int, 
     perm = [i for i in range(rank) if i != axis] + [axis]
     moved = ctx.emit.transpose(multiplier, perm)
     routed = ctx.emit.op("MatMul", [moved, ctx.emit.const(selection, "selection")])
-    return ctx.emit.transpose(routed, list(np.argsort(perm)))
+    return ctx.emit.transpose(routed, [int(i) for i in np.argsort(perm)])
 
 
 @register("Slice", family="linear", check=_slice_check)
@@ -125,7 +126,8 @@ def slice_(ctx: PairContext, node: ir.Node, outs):
     else:
         m_a = outs[0]
         for axis, index in spec.items():
-            m_a = _select_along(ctx, m_a, axis, rank, index, shape[axis])
+            if axis != ctx.batch_axis(a):  # the batch axis is never sliced (checked)
+                m_a = _select_along(ctx, m_a, axis, rank, index, shape[axis])
     return _pad_rest(node, [m_a])
 
 
@@ -184,6 +186,7 @@ def pad(ctx: PairContext, node: ir.Node, outs):
     mode = op_attr(node, "mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     spec = _pad_spec(ctx, node)
+    spec = {axis: pair for axis, pair in spec.items() if any(pair)}  # never the batch axis (checked)
     if mode == "constant" and all(p >= 0 for pair in spec.values() for p in pair):
         out_shape = ctx.shape(node.outputs[0])
         axes = sorted(spec)
@@ -241,7 +244,7 @@ def _where_check(ctx: PairContext, node: ir.Node) -> str | None:
 
 @register("Where", family="linear", check=_where_check)
 def where(ctx: PairContext, node: ir.Node, outs):
-    cond, out = node.inputs[0], node.outputs[0]
+    cond, out = ctx.const(node.inputs[0]), node.outputs[0]
     result = [None]
     for branch, keep in ((node.inputs[1], True), (node.inputs[2], False)):
         if not ctx.is_variable(branch):

@@ -53,24 +53,16 @@ def scale_by_constant(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> 
     """Mul or Div with exactly one variable input: ``M_a = M_y · c`` (or ``/ c`` for ``a / c``)."""
     out = node.outputs[0]
     a_index = 0 if ctx.is_variable(node.inputs[0]) else 1
-    a, c = node.inputs[a_index], node.inputs[1 - a_index]
+    a, c = node.inputs[a_index], ctx.const(node.inputs[1 - a_index])
     if node.op_type == "Div" and a_index == 1:
         raise AssertionError("c / a is not linear in a; the elementwise rescale handles it")
     op = "Mul" if node.op_type == "Mul" else "Div"
+    if ctx.dtype(node.inputs[1 - a_index]) != np.float32:  # multipliers are float32 whatever the tensor's float type
+        c = ctx.emit.op("Cast", [c], {"to": ir.DataType.FLOAT})
     scaled = ctx.emit.op(op, [multiplier, c])
     result: list[ir.Value | None] = [None, None]
     result[a_index] = ctx.unbroadcast(scaled, out, a)
     return result
-
-
-def _constant_operand(ctx: PairContext, node: ir.Node) -> str | None:
-    variable = [ctx.is_variable(v) for v in node.inputs[:2]]
-    if all(variable):
-        return None  # bilinear rule
-    const = node.inputs[variable.index(False)]
-    if len(ctx.shape(const)) > 2 and any(d != 1 for d in ctx.shape(const)[:-2]):
-        return "MatMul with a batched constant operand is not supported"
-    return None
 
 
 def matmul_linear(ctx: PairContext, node: ir.Node, multiplier: ir.Value):

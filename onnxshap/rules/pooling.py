@@ -147,7 +147,7 @@ def reduce_max(ctx: PairContext, node: ir.Node, outs):
         first = e.op("ArgMin" if minimum else "ArgMax", [flat], {"axis": -1, "keepdims": 0})
         onehot = e.op("OneHot", [first, e.ints([reduced]), e.const(np.array([0, 1], np.float32), "onehot")])
         unflat = e.reshape(onehot, [0] * len(keep) + [shape[i] for i in axes])
-        return e.transpose(unflat, list(np.argsort(perm)))
+        return e.transpose(unflat, [int(i) for i in np.argsort(perm)])
 
     b = ctx.batch_axis(a)
     onehot_x = e.unsqueeze(first_extreme_onehot("x"), [b + 1, b + 2])

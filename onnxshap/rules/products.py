@@ -66,11 +66,14 @@ def div(ctx: PairContext, node: ir.Node, outs):
 
 def _bilinear_check(ctx: PairContext, node: ir.Node) -> str | None:
     a, b = node.inputs
-    if ctx.is_variable(a) and ctx.batch_axis(a) == ctx.rank(a) - 1 or ctx.is_variable(b) and (
-            ctx.rank(b) < 2 or ctx.batch_axis(b) >= ctx.rank(b) - 2) or ctx.is_variable(a) and ctx.is_variable(b) \
-            and ctx.batch_axis(a) >= ctx.rank(a) - 2:
+    a_var, b_var = ctx.is_variable(a), ctx.is_variable(b)
+    # A·B contracts A's last axis and B's second-to-last (a 1-D B's only axis)
+    if a_var and ctx.batch_axis(a) == ctx.rank(a) - 1 or b_var and (
+            ctx.rank(b) < 2 or ctx.batch_axis(b) == ctx.rank(b) - 2):
         return "MatMul that contracts over the batch axis mixes rows: not supported"
-    if all(ctx.is_variable(v) for v in node.inputs):
+    if a_var and b_var and (ctx.batch_axis(a) >= ctx.rank(a) - 2 or ctx.batch_axis(b) >= ctx.rank(b) - 2):
+        return "MatMul of two variable tensors with the batch on one of the matrix axes is not supported"
+    if a_var and b_var:
         if ctx.shape(node.inputs[0])[:-2] != ctx.shape(node.inputs[1])[:-2]:
             return "MatMul of two variable tensors with broadcast leading axes is not supported"
         return _aligned(ctx, node)
