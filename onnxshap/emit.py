@@ -117,9 +117,10 @@ class Emitter:
         return self.op("Unsqueeze", [x, self.ints(axes)])
 
     def transpose(self, x: ir.Value, perm: Sequence[int]) -> ir.Value:
-        if list(perm) == list(range(len(perm))):
+        perm = [int(p) for p in perm]
+        if perm == list(range(len(perm))):
             return x
-        return self.op("Transpose", [x], {"perm": list(perm)})
+        return self.op("Transpose", [x], {"perm": perm})
 
     def add(self, a: ir.Value | None, b: ir.Value | None) -> ir.Value | None:
         """a + b where either may be absent (None means zero)."""

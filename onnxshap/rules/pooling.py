@@ -6,9 +6,11 @@ For a window with maxima ``z_x`` (sample) and ``z_r`` (reference) and ``c = max(
 Summed over a window the routed amounts are ``z_x − z_r = Δz``, so the rule is additive by construction.
 For min-type ops ``c = min(z_x, z_r)`` and the argmin; the same formulas hold.
 
-MaxPool's windows are gathered with a depthwise Conv whose kernel is the identity over window positions
-(im2col); the one-hot of the first maximum in each window (ArgMax picks the first, like MaxPool's Indices)
-is routed back with the matching ConvTranspose (col2im), which sums overlapping windows.
+MaxPool windows that tile the input (stride = kernel, the common case) are a reshape of it, so the routing
+weights and ``1/Δa`` combine per pair and the multiplier is touched once. General windows are gathered with a
+depthwise Conv whose kernel is the identity over window positions (im2col) and routed back with the matching
+ConvTranspose (col2im), which sums overlapping windows. In both, the one-hot marks the first maximum of each
+window (ArgMax picks the first, like MaxPool's Indices).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ def _cross_weights(ctx: PairContext, z: ir.Value, minimum: bool):
     return e.op("Sub", [c, z_r]), e.op("Sub", [z_x, c])
 
 
-def _divide_by_delta(ctx: PairContext, routed: ir.Value, a: ir.Value) -> ir.Value:
+def _inverse_delta(ctx: PairContext, a: ir.Value) -> ir.Value:
+    """Per pair ``1/Δa``, and 0 where ``|Δa| < 1e-7`` (nothing is routed there)."""
     e = ctx.emit
     delta = ctx.pair_delta(a)
     tiny = e.op("Less", [e.op("Abs", [delta]), e.scalar(TINY_DELTA)])
     safe = e.op("Where", [tiny, e.scalar(1.0), delta])
-    return e.op("Where", [tiny, e.scalar(0.0), e.op("Div", [routed, safe])])
+    return e.op("Where", [tiny, e.scalar(0.0), e.op("Reciprocal", [safe])], hint="inverse_delta")
 
 
 def _maxpool_check(ctx: PairContext, node: ir.Node) -> str | None:
@@ -73,6 +76,66 @@ def _identity_kernel(channels: int, kernel: list[int]) -> np.ndarray:
 
 @register("MaxPool", family="max-type", check=_maxpool_check)
 def max_pool(ctx: PairContext, node: ir.Node, outs):
+    kernel, strides, dilations, begins, ends = _window_geometry(ctx, node)
+    tiled = strides == kernel and all(d == 1 for d in dilations) and not any(begins) and not any(ends)
+    return [(_tiled_max_pool if tiled else _overlapping_max_pool)(ctx, node, outs[0])]
+
+
+def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir.Value:
+    """Windows that tile the input (stride = kernel, no pads): windows are a reshape of the input.
+
+    Every input element lies in at most one window, so the routing weights and ``1/Δa`` combine into one
+    per-pair factor in the input's layout; the multiplier is copied to its window's elements by a depthwise
+    ConvTranspose with a kernel of ones (stride = kernel; elements floor mode drops get zero) and scaled once.
+    Measured on 2 cores: this beats rearranging the multiplier (Transpose, DepthToSpace) by 3×.
+    """
+    e = ctx.emit
+    a, z = node.inputs[0], node.outputs[0]
+    kernel = list(op_attr(node, "kernel_shape"))
+    spatial = len(kernel)
+    channels, in_size, out_size = ctx.shape(a)[1], list(ctx.shape(a)[2:]), list(ctx.shape(z)[2:])
+    covered = [o * k for o, k in zip(out_size, kernel)]
+    leftover = [s - c for s, c in zip(in_size, covered)]
+    interleaved = [d for o, k in zip(out_size, kernel) for d in (o, k)]
+    grouped = [0, 1] + [2 + 2 * i for i in range(spatial)] + [3 + 2 * i for i in range(spatial)]
+    window = int(np.prod(kernel))
+    ones = e.const(np.ones((channels, 1, *kernel), np.float32), "window_ones")
+    spread_attrs = {"group": channels, "strides": kernel}
+    if any(leftover):
+        spread_attrs["output_padding"] = leftover
+
+    def first_max_onehot(side: str) -> ir.Value:  # (rows, C, *in_size), 1 at each window's first max
+        value = ctx.side(a, side)
+        if any(leftover):
+            axes = list(range(2, 2 + spatial))
+            value = e.op("Slice", [value, e.ints([0] * spatial), e.ints(covered), e.ints(axes)])
+        windows = e.reshape(value, [0, channels] + interleaved)
+        flat = e.reshape(e.transpose(windows, grouped), [0, channels] + out_size + [window])
+        first = e.op("ArgMax", [flat], {"axis": -1, "keepdims": 0})
+        onehot = e.op("OneHot", [first, e.ints([window]), e.const(np.array([0, 1], np.float32), "onehot")])
+        unflat = e.transpose(e.reshape(onehot, [0, channels] + out_size + kernel), list(np.argsort(grouped)))
+        onehot = e.reshape(unflat, [0, channels] + covered)
+        if any(leftover):
+            onehot = e.op("Pad", [onehot, e.ints([0, 0] + [0] * spatial + [0, 0] + leftover)])
+        return onehot
+
+    def spread(value: ir.Value) -> ir.Value:  # copy each window value to its elements: (rows, C, *in_size)
+        return e.op("ConvTranspose", [value, ones], spread_attrs, hint="spread")
+
+    to_x, to_r = _cross_weights(ctx, z, minimum=False)  # (n, m, 1, C, *out_size)
+    flat_pairs = [-1, channels] + out_size
+    full_pairs = [-1, ctx.m, 1, channels] + in_size
+    to_x = e.reshape(spread(e.reshape(to_x, flat_pairs)), full_pairs)
+    to_r = e.reshape(spread(e.reshape(to_r, flat_pairs)), full_pairs)
+    routed = e.op("Add", [e.op("Mul", [to_x, e.unsqueeze(first_max_onehot("x"), [1, 2])]),
+                          e.op("Mul", [to_r, e.unsqueeze(first_max_onehot("r"), [0, 2])])])
+    factor = e.op("Mul", [routed, _inverse_delta(ctx, a)], hint="window_factor")
+    spread_multiplier = ctx.expand(spread(multiplier), a)
+    return ctx.collapse(e.op("Mul", [spread_multiplier, factor]), a)
+
+
+def _overlapping_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir.Value:
+    """General windows: im2col by a depthwise identity Conv, col2im by the matching ConvTranspose."""
     e = ctx.emit
     a, z = node.inputs[0], node.outputs[0]
     channels = ctx.shape(a)[1]
@@ -101,7 +164,7 @@ def max_pool(ctx: PairContext, node: ir.Node, outs):
     window_axis = 4  # expanded layout (n, m, k, C, K, *spatial)
     routed = e.op("Add", [e.op("Mul", [e.unsqueeze(to_x, [window_axis]), onehot_x]),
                           e.op("Mul", [e.unsqueeze(to_r, [window_axis]), onehot_r])])
-    routed = e.op("Mul", [e.unsqueeze(ctx.expand(outs[0], z), [window_axis]), routed])
+    routed = e.op("Mul", [e.unsqueeze(ctx.expand(multiplier, z), [window_axis]), routed])
     columns = e.reshape(routed, [-1, channels * window] + out_spatial)
     in_size = ctx.shape(a)[2:]
     output_padding = [
@@ -112,8 +175,8 @@ def max_pool(ctx: PairContext, node: ir.Node, outs):
     if any(output_padding):
         col2im["output_padding"] = output_padding
     summed = e.op("ConvTranspose", [columns, weight], col2im, hint="col2im")
-    per_pair = _divide_by_delta(ctx, ctx.expand(summed, a), a)
-    return [ctx.collapse(per_pair, a)]
+    per_pair = e.op("Mul", [ctx.expand(summed, a), _inverse_delta(ctx, a)])
+    return ctx.collapse(per_pair, a)
 
 
 def _reduce_check(ctx: PairContext, node: ir.Node) -> str | None:
@@ -160,5 +223,5 @@ def reduce_max(ctx: PairContext, node: ir.Node, outs):
         expanded_axes = [i + 2 if i > b else i for i in axes]
         m_z, to_x, to_r = (e.unsqueeze(v, expanded_axes) for v in (m_z, to_x, to_r))
     routed = e.op("Add", [e.op("Mul", [to_x, onehot_x]), e.op("Mul", [to_r, onehot_r])])
-    per_pair = _divide_by_delta(ctx, e.op("Mul", [m_z, routed]), a)
+    per_pair = e.op("Mul", [m_z, e.op("Mul", [routed, _inverse_delta(ctx, a)])])
     return [ctx.collapse(per_pair, a)] + [None] * (len(node.inputs) - 1)
