@@ -16,6 +16,7 @@ rows and one torch.autograd backward over the n·m·k (sample, reference, output
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -52,7 +53,7 @@ def build_model(name: str):
         def __init__(self, features: int, hidden: list[int]) -> None:
             super().__init__()
             sizes = [features] + hidden
-            self.layers = nn.ModuleList(nn.LSTM(a, b, batch_first=True) for a, b in zip(sizes, sizes[1:]))
+            self.layers = nn.ModuleList(nn.LSTM(a, b, batch_first=True) for a, b in itertools.pairwise(sizes))
             self.head = nn.Linear(hidden[-1], 1)
 
         def forward(self, x):
@@ -186,7 +187,7 @@ def worker_large(n: int, m: int) -> dict:
 def _spawn(args: list[str], timeout: float) -> dict | None:
     command = [sys.executable, str(Path(__file__).resolve()), *args]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -12,7 +12,6 @@ import os
 import warnings
 from importlib import metadata
 
-import numpy as np
 import onnx
 import onnx.helper as oh
 
@@ -68,9 +67,9 @@ def runtime_ir_version() -> int:
     for version in range(onnx.IR_VERSION, 6, -1):
         try:
             ort.InferenceSession(_tiny_model(version), _quiet_options(), providers=["CPUExecutionProvider"])
-            return version
-        except Exception:  # noqa: BLE001 - any refusal means "not this version"
+        except Exception:  # noqa: BLE001, S112 - any refusal means "not this version"
             continue
+        return version
     return 7
 
 
@@ -121,8 +120,3 @@ def make_session(model: onnx.ModelProto | bytes, providers: list[str], threads: 
         options.intra_op_num_threads = threads
     payload = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(payload, options, providers=providers)
-
-
-def as_float32(array) -> np.ndarray:
-    """A contiguous float32 copy/view of ``array``."""
-    return np.ascontiguousarray(np.asarray(array, dtype=np.float32))

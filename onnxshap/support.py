@@ -32,9 +32,9 @@ def support_table() -> str:
     families["rescale"] |= {op for op in ELEMENTWISE_OPS if op not in registered}
     families["lowered"] |= set(REWRITTEN_OPS - set(registered)) | LOOP_OPS | RECURRENT_OPS
     lines = ["| family | rule | ONNX ops |", "|---|---|---|"]
-    for family in FAMILY_NOTES:
+    for family, note in FAMILY_NOTES.items():
         if families.get(family):
-            lines.append(f"| {family} | {FAMILY_NOTES[family]} | {', '.join(sorted(families[family]))} |")
+            lines.append(f"| {family} | {note} | {', '.join(sorted(families[family]))} |")
     return "\n".join(lines)
 
 

@@ -85,8 +85,8 @@ class _Refusals:
         if not self.items:
             return
         kinds = sorted({n.op_type for n, _ in self.items})
-        lines = [f"unsupported model: {len(self.items)} node(s) cannot be explained exactly "
-                 f"({', '.join(kinds)})"]
+        lines = [(f"unsupported model: {len(self.items)} node(s) cannot be explained exactly "
+                  f"({', '.join(kinds)})")]
         for node, reason in self.items:
             lines.append(f"  node {node.name or '<unnamed>'!r} (op {node.op_type}, domain "
                          f"{node.domain or 'ai.onnx'}): {reason}")
