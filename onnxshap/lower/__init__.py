@@ -149,7 +149,7 @@ def _probe_relaxing_batch(model: ir.Model, examples: dict[str, np.ndarray]):
         if isinstance(cause, Exception):
             raise cause from None
         raise
-    if not _relax_reshapes(model, at_one):
+    if not _relax_fixed_batch(model, at_one):
         raise _fixed_batch_error(model, cause) from None
     try:
         probes = probe_twice(model, examples)
@@ -165,21 +165,33 @@ def _outputs_follow_batch(model: ir.Model, probe_a: dict, probe_b: dict) -> bool
                for v in model.graph.outputs if v.name in probe_a)
 
 
-def _relax_reshapes(model: ir.Model, at_one: dict[str, np.ndarray]) -> bool:
-    """Turn Reshape targets that hard-code batch 1 into ones that follow the batch."""
+def _relax_fixed_batch(model: ir.Model, at_one: dict[str, np.ndarray]) -> bool:
+    """Turn Reshape targets that hard-code batch 1 into ones that follow the batch, and drop constant zero
+    initial states of recurrent ops (zeros are the ONNX default, for any batch)."""
     changed = False
     for node in model.graph:
+        if node.op_type in RECURRENT_OPS:
+            for index in (5, 6):
+                state = node.inputs[index] if len(node.inputs) > index else None
+                if state is not None and state.const_value is not None and not state.const_value.numpy().any():
+                    node.replace_input_with(index, None)
+                    changed = True
+            continue
         if node.op_type != "Reshape" or node.inputs[1] is None or node.inputs[1].const_value is None:
             continue
         target = node.inputs[1].const_value.numpy().copy()
         source = at_one.get(node.inputs[0].name)
         source_shape = source.shape if source is not None else None
-        if target.size and target[0] == 1 and (source_shape is None or source_shape[:1] == (1,)):
-            target[0] = 0 if -1 in target else -1
-            node.replace_input_with(1, ir.Value(name=f"{node.inputs[1].name}__relaxed",
-                                                const_value=ir.tensor(target)))
-            model.graph.register_initializer(node.inputs[1])
-            changed = True
+        ones = np.flatnonzero(target == 1)
+        if -1 not in target and len(ones) == 1:  # the only 1 must be the batch: let it follow
+            target[ones[0]] = -1
+        elif target.size and target[0] == 1 and (source_shape is None or source_shape[:1] == (1,)):
+            target[0] = 0  # copy the input's leading (batch) dimension
+        else:
+            continue
+        node.replace_input_with(1, ir.Value(name=f"{node.inputs[1].name}__relaxed", const_value=ir.tensor(target)))
+        model.graph.register_initializer(node.inputs[1])
+        changed = True
     return changed
 
 
