@@ -169,7 +169,7 @@ class DeepExplainer:
         step = 4096
         for start in range(0, rows, step):
             chunk = {n: a[start:start + step] for n, a in feeds.items()}
-            results = self._forward_session.run(self.output_names, chunk)
+            results = _run_session(self._forward_session, self.output_names, chunk)
             parts.append(np.concatenate([r.reshape(r.shape[0], -1) for r in results], axis=1))
         return np.concatenate(parts, axis=0).astype(np.float64)
 
@@ -251,7 +251,7 @@ class DeepExplainer:
         for start in starts:
             run_feeds = {name: feeds[name][start:start + rows] for name in augmented.inputs}
             run_feeds[OUTPUT_INDEX] = indices[start:start + rows]
-            results = session.run(augmented.values + [PREDICTION], run_feeds)
+            results = _run_session(session, augmented.values + [PREDICTION], run_feeds)
             for store, result in zip(chunks, results):
                 store.append(result)
         values = [np.concatenate(parts, axis=0) for parts in chunks]
@@ -280,6 +280,16 @@ class DeepExplainer:
 
         values = run_values(self.lowered.model, feeds, self.layers)
         return [values[name] for name in self.layers]
+
+
+def _run_session(session, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run`` with ONNX Runtime's failures turned into one clear OnnxShapError."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (out of memory? pass a smaller batch_size / --batch-size)" if "alloc" in first.lower() else ""
+        raise OnnxShapError(f"ONNX Runtime failed: {first}{hint}") from None
 
 
 def _additivity_error(values: list[np.ndarray], predictions: np.ndarray, base: np.ndarray) -> np.ndarray:

@@ -52,17 +52,26 @@ class Explanation:
             magnitude = magnitude.mean(axis=axis)
         return magnitude
 
-    def to_shap(self, output: int = 0):
-        """A ``shap.Explanation`` for slot ``output`` (so ``shap.plots.*`` work); needs shap installed."""
+    def to_shap(self, output: int | None = None):
+        """A ``shap.Explanation`` so ``shap.plots.*`` work (needs shap installed).
+
+        Args:
+            output: which explained output slot to take; None keeps them all (values ``(n, ..., k)``,
+                as shap does for multi-output models).
+        """
         try:
             import shap
         except ImportError as exc:
             raise ImportError("to_shap() needs shap: pip install shap") from exc
-        return shap.Explanation(
-            values=self.values[..., output],
-            base_values=self.base_values[:, output],
-            data=self.data,
-            feature_names=self.feature_names,
-            output_names=[self.output_names[i] for i in self.output_indices[:, output]]
-            if self.output_indices.shape[0] else None,
-        )
+        if output is None and self.values.shape[-1] == 1:
+            output = 0
+        names = self.feature_names
+        if names is not None and self.data.ndim != 2:
+            names = None  # shap's feature_names describe the last axis of 2-D data only
+        if output is None:
+            same_outputs = bool((self.output_indices == self.output_indices[:1]).all())
+            labels = [self.output_names[i] for i in self.output_indices[0]] if same_outputs else None
+            return shap.Explanation(values=self.values, base_values=self.base_values, data=self.data,
+                                    feature_names=names, output_names=labels)
+        return shap.Explanation(values=self.values[..., output], base_values=self.base_values[:, output],
+                                data=self.data, feature_names=names)

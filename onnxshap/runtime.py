@@ -119,4 +119,8 @@ def make_session(model: onnx.ModelProto | bytes, providers: list[str], threads: 
     if threads:
         options.intra_op_num_threads = threads
     payload = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(payload, options, providers=providers)
+    try:
+        return ort.InferenceSession(payload, options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxShapError(f"ONNX Runtime refused the model: {first}") from None
