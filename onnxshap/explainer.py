@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from onnxshap.data import as_feeds, check_feeds, feature_names_of, to_numpy
-from onnxshap.errors import AdditivityError, InputDataError, OnnxShapError
+from onnxshap.errors import AdditivityError, InputDataError, OnnxShapError, UnsupportedModelError
 from onnxshap.explanation import Explanation
 from onnxshap.lower import lower
 from onnxshap.lower.probe import model_to_proto
@@ -99,6 +99,7 @@ class DeepExplainer:
         self.output_names = self._select_outputs(outputs)
         self._forward_session = make_session(self._forward_proto(), self.providers)
         reference_outputs = self._predict(background)
+        self._check_lowering(background, reference_outputs)
         self.n_outputs = reference_outputs.shape[1]
         self._expected = reference_outputs.mean(axis=0)
         self.output_labels = self._output_labels()
@@ -142,6 +143,26 @@ class DeepExplainer:
         del proto.graph.output[:]
         proto.graph.output.extend(keep)
         return proto
+
+    def _check_lowering(self, background: dict[str, np.ndarray], lowered_outputs: np.ndarray,
+                        rows: int = 8) -> None:
+        """The lowered model must reproduce the original on background rows (else refuse: never wrong)."""
+        session = make_session(self.proto, ["CPUExecutionProvider"])
+        sample = {name: array[:rows] for name, array in background.items()}
+        try:
+            results = session.run(self.output_names, sample)
+        except Exception:  # noqa: BLE001 - a batch fixed at 1: compare row by row
+            rows = min(rows, 4)
+            per_row = [session.run(self.output_names, {n: a[i:i + 1] for n, a in sample.items()})
+                       for i in range(rows)]
+            results = [np.concatenate(parts) for parts in zip(*per_row)]
+        original = np.concatenate([r.reshape(r.shape[0], -1) for r in results], axis=1).astype(np.float64)
+        lowered = lowered_outputs[: original.shape[0]]
+        error = np.abs(original - lowered) / np.maximum(1.0, np.abs(original))
+        if error.max() > 1e-4:
+            raise UnsupportedModelError(
+                f"the lowered model does not reproduce the original (relative difference {error.max():.3g} on "
+                "the background); refusing to explain it — please report this model")
 
     def _output_labels(self) -> list[str]:
         labels = []

@@ -19,6 +19,23 @@ from onnxshap.emit import Emitter
 from onnxshap.lower import LoweredModel
 
 
+@dataclass(frozen=True)
+class Scaled:
+    """A multiplier kept as ``base ⊙ factor``: a P-form ``base`` of ``like`` and a per-pair ``factor``.
+
+    Rescales and tiled max-pools only multiply by per-pair factors (n·m elements per feature, not n·m·k), so
+    a chain of them multiplies the factors and touches the n·m·k-row base once, when a rule needs the
+    multiplier itself (:meth:`PairContext.materialize`).
+    """
+
+    base: ir.Value
+    factor: ir.Value
+    like: ir.Value
+
+
+Multiplier = ir.Value | Scaled
+
+
 @dataclass
 class PairContext:
     """What rules see of the graph being built.
@@ -152,11 +169,33 @@ class PairContext:
         b, shape = self.batch_axis(like), self.shape(like)
         return self.emit.reshape(expanded, list(shape[:b]) + [-1] + list(shape[b + 1 :]))
 
-    def scale(self, multiplier: ir.Value, factor: ir.Value, out: ir.Value, into: ir.Value) -> ir.Value:
-        """P-form ``multiplier`` of ``out`` times a per-pair ``factor`` (expanded, k = 1), in ``into``'s
-        P-form (summing over axes where ``into`` was broadcast to ``out``'s shape)."""
-        product = self.emit.op("Mul", [self.expand(multiplier, out), factor])
+    def scale(self, multiplier: Multiplier, factor: ir.Value, out: ir.Value, into: ir.Value) -> Multiplier:
+        """``multiplier`` of ``out`` times a per-pair ``factor`` (expanded, k = 1), as a multiplier of ``into``
+        (summing over axes where ``into`` was broadcast to ``out``'s shape).
+
+        Without broadcasting the product stays lazy (:class:`Scaled`): factors multiply per pair.
+        """
+        if self.shape(out) == self.shape(into) and self.batch_axis(out) == self.batch_axis(into):
+            if isinstance(multiplier, Scaled):
+                combined = self.emit.op("Mul", [multiplier.factor, factor], hint="combined_factor")
+                return Scaled(multiplier.base, combined, into)
+            return Scaled(multiplier, factor, into)
+        product = self.emit.op("Mul", [self.expand(self.materialize(multiplier), out), factor])
         return self.unbroadcast(self.collapse(product, out), out, into)
+
+    def materialize(self, multiplier: Multiplier | None) -> ir.Value | None:
+        """The P-form tensor of a multiplier (applies a pending per-pair factor)."""
+        if not isinstance(multiplier, Scaled):
+            return multiplier
+        like = multiplier.like
+        product = self.emit.op("Mul", [self.expand(multiplier.base, like), multiplier.factor], hint="scaled")
+        return self.collapse(product, like)
+
+    def add(self, a: Multiplier | None, b: Multiplier | None) -> Multiplier | None:
+        """The sum of two multipliers of one tensor (either may be absent)."""
+        if a is None or b is None:
+            return a if b is None else b
+        return self.emit.op("Add", [self.materialize(a), self.materialize(b)])
 
     def unbroadcast(self, multiplier: ir.Value, out: ir.Value, into: ir.Value) -> ir.Value:
         """Sum a P-form multiplier of ``out`` down to ``into``'s shape (undo numpy broadcasting)."""

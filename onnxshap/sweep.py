@@ -223,21 +223,21 @@ def build_augmented(
         if source is not None and not _uses_linear_rule(ctx, node):
             contributions = {source.name: fusion.rescale(outs[0], node.outputs[0])}
         else:
-            result = RULES[node.op_type](ctx, node, outs)
+            result = RULES[node.op_type](ctx, node, [ctx.materialize(m_out) for m_out in outs])
             if len(result) != len(node.inputs):
                 raise AssertionError(f"rule for {node.op_type} returned {len(result)} multipliers for "
                                      f"{len(node.inputs)} inputs")
             contributions = {}
             for value, m_in in zip(node.inputs, result):
                 if m_in is not None and ctx.is_variable(value):
-                    contributions[value.name] = emit.add(contributions.get(value.name), m_in)
+                    contributions[value.name] = ctx.add(contributions.get(value.name), m_in)
         for name, m_in in contributions.items():
-            multipliers[name] = emit.add(multipliers.get(name), m_in)
+            multipliers[name] = ctx.add(multipliers.get(name), m_in)
 
     value_names = []
     for i, name in enumerate(explained):
         tensor = values[name]
-        m_s = multipliers.get(name) or ctx.zeros(tensor)
+        m_s = ctx.materialize(multipliers.get(name)) or ctx.zeros(tensor)
         b = ctx.batch_axis(tensor)
         per_pair = emit.op("Mul", [ctx.expand(m_s, tensor), ctx.pair_delta(tensor)])
         phi = emit.reduce("ReduceMean", per_pair, [b + 1], keepdims=False)  # (..., n, k, ...)

@@ -205,3 +205,14 @@ def test_lowered_model_serialises_with_runtime_ir_version(data):
     ex = onnxshap.DeepExplainer(_mlp_proto(), background)
     proto = model_to_proto(ex.lowered.model)
     ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_a_lowering_that_changes_the_model_is_refused(monkeypatch, data):
+    """Guard against engine bugs: the lowered model must reproduce the original before anything is explained."""
+    _, background = data
+    import onnxshap.explainer as explainer_module
+
+    real_lower = explainer_module.lower
+    monkeypatch.setattr(explainer_module, "lower", lambda proto, examples: real_lower(_mlp_proto(seed=5), examples))
+    with pytest.raises(onnxshap.UnsupportedModelError, match="does not reproduce the original"):
+        onnxshap.DeepExplainer(_mlp_proto(), background)

@@ -58,6 +58,7 @@ class LoweredModel:
 def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredModel:
     """Lower ``proto`` for data shaped like ``examples`` (input name → array with a leading batch axis)."""
     model = ir.from_proto(proto)
+    _drop_overridable_initializer_inputs(model)
     InlinePass()(model)
     NameFixPass()(model)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -107,6 +108,14 @@ def _row_constant(model: ir.Model, probe_a: dict, probe_b: dict, batch_axes: dic
                for p in (probe_a, probe_b)):
             found.add(name)
     return frozenset(found)
+
+
+def _drop_overridable_initializer_inputs(model: ir.Model) -> None:
+    """Inputs that are also initializers (``keep_initializers_as_inputs``, IR < 4) are weights, not data."""
+    initializers = model.graph.initializers
+    for value in list(model.graph.inputs):
+        if value.name in initializers:
+            model.graph.inputs.remove(value)
 
 
 def _refuse_unknown_ops(model: ir.Model) -> None:

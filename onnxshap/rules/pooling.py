@@ -130,8 +130,7 @@ def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir
     routed = e.op("Add", [e.op("Mul", [to_x, e.unsqueeze(first_max_onehot("x"), [1, 2])]),
                           e.op("Mul", [to_r, e.unsqueeze(first_max_onehot("r"), [0, 2])])])
     factor = e.op("Mul", [routed, _inverse_delta(ctx, a)], hint="window_factor")
-    spread_multiplier = ctx.expand(spread(multiplier), a)
-    return ctx.collapse(e.op("Mul", [spread_multiplier, factor]), a)
+    return ctx.scale(spread(multiplier), factor, a, a)
 
 
 def _overlapping_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir.Value:
