@@ -147,6 +147,11 @@ def run(args) -> int:
         raise InputDataError("--background-size must be at least 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputDataError("--batch-size must be at least 1")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputDataError("--plot needs matplotlib: pip install 'onnxshap[plots]'") from None
     started = time.perf_counter()
     data = _collect_data(args)
     if args.background:
