@@ -8,8 +8,12 @@ Rewrites (every parameter must be constant, which real exports guarantee after f
 - ``AveragePool`` → depthwise ``Conv`` with a kernel of ones, times the constant map ``1 / divisor`` (so pads,
   ``count_include_pad`` and ``ceil_mode`` all keep ONNX Runtime's exact divisor).
 - ``GlobalAveragePool`` → ``ReduceMean`` over the spatial axes.
-- ``LayerNormalization`` → ``c = x − mean(x)``, ``v = mean(c·c)``, ``y = c / sqrt(v + eps) · scale + bias``.
-- ``auto_pad`` of Conv / ConvTranspose / MaxPool becomes explicit ``pads``.
+- ``LayerNormalization`` → ``c = x − mean(x)``, ``v = mean(c·c)``, ``y = c / sqrt(v + eps) · scale + bias``;
+  ``InstanceNormalization`` the same over the spatial axes, ``GroupNormalization`` over each group of channels
+  (a Reshape to ``(n, G, −1)`` and back), both with per-channel scale and bias.
+- ``auto_pad`` of Conv / ConvTranspose / MaxPool / AveragePool becomes explicit ``pads``.
+- ``Squeeze`` without axes (``torch.squeeze()``) gets the axes it squeezes at the probe batch size: with a batch
+  of one it would squeeze the batch axis too.
 
 After this pass every linear op carries its parameters as constants and the remaining ops each have one rule.
 """
@@ -65,7 +69,10 @@ def decompose_composites(model: ir.Model, shapes: dict[str, tuple[int, ...]], op
         graph.remove(node, safe=False)
         changed = True
     if refused:
-        raise unsupported_nodes_error(refused, "these composite ops need constant parameters")
+        raise unsupported_nodes_error(
+            refused, "these composite ops cannot be rewritten into primitives (parameters computed from the "
+                     "input, BatchNormalization in training mode, an optional output that is used, or "
+                     "ConvTranspose auto_pad SAME with a kernel smaller than its stride)")
     graph.sort()
     return changed
 
@@ -160,14 +167,42 @@ def _window_params(node: ir.Node, shapes, kernel):
 def _resolve_auto_pad(emit: Emitter, node: ir.Node, shapes):
     if op_attr(node, "auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", ""):
         return _KEEP
-    if node.op_type == "ConvTranspose":
-        return None  # rare; its auto_pad semantics depend on output_shape
-    weight = const_array(node.inputs[1]) if node.op_type == "Conv" else None
+    weight = const_array(node.inputs[1]) if node.op_type in ("Conv", "ConvTranspose") else None
     kernel = list(op_attr(node, "kernel_shape", [])) or list(weight.shape[2:])
-    _, _, pads = _window_params(node, shapes, kernel)
+    if node.op_type == "ConvTranspose":
+        if op_attr(node, "output_shape") is not None:
+            return _KEEP  # the rule refuses it, by name
+        pads = _conv_transpose_pads(node, shapes[node.inputs[0].name][2:], kernel)
+        if pads is None:
+            return None
+    else:
+        _, _, pads = _window_params(node, shapes, kernel)
     node.attributes.pop("auto_pad")
     node.attributes["pads"] = ir.AttrInt64s("pads", pads)
     return _KEEP
+
+
+def _conv_transpose_pads(node: ir.Node, in_shape, kernel) -> list[int] | None:
+    """ConvTranspose's ``auto_pad`` as explicit pads (ONNX spec): SAME makes the output ``in · stride`` and
+    splits ``total = stride·(in − 1) + output_padding + (k − 1)·dilation + 1 − in·stride`` with the odd one
+    at the end (SAME_UPPER) or the beginning (SAME_LOWER); None where the total is negative."""
+    spatial = len(kernel)
+    auto_pad = op_attr(node, "auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return [0] * (2 * spatial)
+    strides = list(op_attr(node, "strides", [1] * spatial))
+    dilations = list(op_attr(node, "dilations", [1] * spatial))
+    output_padding = list(op_attr(node, "output_padding", [0] * spatial))
+    begins, ends = [], []
+    for size, k, s, d, extra in zip(in_shape, kernel, strides, dilations, output_padding):
+        total = s * (size - 1) + extra + (k - 1) * d + 1 - size * s
+        if total < 0:
+            return None
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
 
 
 def _average_pool(emit: Emitter, node: ir.Node, shapes):
@@ -223,6 +258,27 @@ def _average_pool_scale(node, shape, kernel, strides, pads, dilations, ceil_mode
     return scale[0].astype(np.float32)  # (1, *out_spatial) broadcasts over batch and channels
 
 
+def _normalise(emit: Emitter, x: ir.Value, axes: list[int], eps: float) -> ir.Value:
+    """``(x − mean(x)) / sqrt(mean((x − mean(x))²) + eps)`` over ``axes``."""
+    centred = emit.op("Sub", [x, emit.reduce("ReduceMean", x, axes)], hint="norm_centred")
+    variance = emit.reduce("ReduceMean", emit.op("Mul", [centred, centred]), axes)
+    std = emit.op("Sqrt", [emit.op("Add", [variance, emit.scalar(eps)])], hint="norm_std")
+    return emit.op("Div", [centred, std], hint="norm_normalised")
+
+
+def _affine(emit: Emitter, y: ir.Value, scale: ir.Value | None, bias: ir.Value | None, shape) -> ir.Value:
+    """``y · scale + bias`` with the parameters reshaped to ``shape`` (None: as they are)."""
+    for param, op in ((scale, "Mul"), (bias, "Add")):
+        if param is None:
+            continue
+        if shape is not None:
+            value = const_array(param)
+            param = (emit.const(value.reshape(shape), "norm_param") if value is not None
+                     else emit.reshape(param, list(shape)))
+        y = emit.op(op, [y, param])
+    return y
+
+
 def _layer_norm(emit: Emitter, node: ir.Node, shapes):
     if any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
         return None
@@ -230,17 +286,38 @@ def _layer_norm(emit: Emitter, node: ir.Node, shapes):
     rank = len(shapes[x.name])
     axis = op_attr(node, "axis", -1)
     axis = axis + rank if axis < 0 else axis
-    axes = list(range(axis, rank))
-    eps = op_attr(node, "epsilon", 1e-5)
-    centred = emit.op("Sub", [x, emit.reduce("ReduceMean", x, axes)], hint="ln_centred")
-    variance = emit.reduce("ReduceMean", emit.op("Mul", [centred, centred]), axes)
-    std = emit.op("Sqrt", [emit.op("Add", [variance, emit.scalar(eps)])], hint="ln_std")
-    y = emit.op("Div", [centred, std], hint="ln_normalised")
-    if node.inputs[1] is not None:
-        y = emit.op("Mul", [y, node.inputs[1]])
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        y = emit.op("Add", [y, node.inputs[2]])
-    return [y] + [None] * (len(node.outputs) - 1)
+    y = _normalise(emit, x, list(range(axis, rank)), op_attr(node, "epsilon", 1e-5))
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    return [_affine(emit, y, node.inputs[1], bias, None)] + [None] * (len(node.outputs) - 1)
+
+
+def _instance_norm(emit: Emitter, node: ir.Node, shapes):
+    """Normalise each (row, channel) over the spatial axes; scale and bias per channel."""
+    x, scale, bias = node.inputs[:3]
+    rank = len(shapes[x.name])
+    y = _normalise(emit, x, list(range(2, rank)), op_attr(node, "epsilon", 1e-5))
+    return [_affine(emit, y, scale, bias, (-1,) + (1,) * (rank - 2))]
+
+
+def _group_norm(emit: Emitter, node: ir.Node, shapes):
+    """Normalise each (row, group of C/G channels) over those channels and the spatial axes; scale and bias
+    per channel (opset 21; the per-group form of opset 18 is deprecated and refused by the ONNX checker)."""
+    x, scale, bias = node.inputs[:3]
+    shape = shapes[x.name]
+    channels, groups = shape[1], int(op_attr(node, "num_groups"))
+    grouped = emit.reshape(x, [0, groups, -1])
+    y = emit.reshape(_normalise(emit, grouped, [2], op_attr(node, "epsilon", 1e-5)), [0, *shape[1:]])
+    return [_affine(emit, y, scale, bias, (channels,) + (1,) * (len(shape) - 2))]
+
+
+def _squeeze(emit: Emitter, node: ir.Node, shapes):
+    if len(node.inputs) > 1 and node.inputs[1] is not None or op_attr(node, "axes") is not None:
+        return _KEEP
+    x = node.inputs[0]
+    # shapes are probed with a batch > 1, except a graph input's (the background's rows, maybe one), whose
+    # batch axis is 0 by contract
+    axes = [i for i, d in enumerate(shapes[x.name]) if d == 1 and not (i == 0 and x.is_graph_input())]
+    return [emit.op("Squeeze", [x, emit.ints(axes)])]
 
 
 _REWRITES = {
@@ -251,8 +328,11 @@ _REWRITES = {
     "GlobalAveragePool": _global_average_pool,
     "AveragePool": _average_pool,
     "LayerNormalization": _layer_norm,
+    "InstanceNormalization": _instance_norm,
+    "GroupNormalization": _group_norm,
     "Conv": _resolve_auto_pad,
     "ConvTranspose": _resolve_auto_pad,
     "MaxPool": _resolve_auto_pad,
+    "Squeeze": _squeeze,
 }
 REWRITTEN_OPS = frozenset(_REWRITES)

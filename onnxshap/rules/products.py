@@ -10,7 +10,9 @@ and ``M_a = M_z ⊙ Δz_a / Δa``. For the common ops it has closed forms withou
 - division ``z = a/b``: ``M_a = M_z ⊙ ½(1/b_x + 1/b_r)``, ``M_b = −M_z ⊙ (a_x + a_r)/(2 b_x b_r)``;
 - bilinear ``Z = A·B`` (MatMul): ``M_A = M_Z·((B_x + B_r)/2)ᵀ``, ``M_B = ((A_x + A_r)/2)ᵀ·M_Z``.
 
-Max, Min and Pow with two variable inputs use the four-corner form (the slope where ``|Δa| < 1e-6``).
+Max, Min and Pow with two variable inputs use the four-corner form (the slope of ``g`` in that input, averaged
+over the x and r sides, where ``Δz_a / Δa`` is unreliable in float32: see ``elementwise.rescale_factor``); the
+constant inputs of a variadic ``Max(a, b, c)`` take part in every corner unchanged.
 With one variable input Mul/Div/MatMul are linear and go to the linear rules.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxshap.pairs import PairContext
-from onnxshap.rules.elementwise import DERIVATIVES, TINY_DELTA
+from onnxshap.rules.elementwise import DERIVATIVES, rescale_factor
 from onnxshap.rules.linear import matmul_linear, scale_by_constant
 from onnxshap.rules.registry import register
 
@@ -99,27 +101,35 @@ def matmul(ctx: PairContext, node: ir.Node, outs):
 
 @register("Max", "Min", "Pow", family="shapley", check=_aligned)
 def four_corners(ctx: PairContext, node: ir.Node, outs):
-    """The exact 2-player Shapley split from the four corners (x/r of each input)."""
-    a, b = node.inputs
-    if not (ctx.is_variable(a) and ctx.is_variable(b)):
+    """The exact 2-player Shapley split from the four corners (x/r of each input); constant inputs (a
+    variadic ``Max(a, b, c)``) stay where they are."""
+    players = [i for i, v in enumerate(node.inputs) if ctx.is_variable(v)]
+    if len(players) != 2:
         raise AssertionError(f"{node.op_type} with one variable input belongs to an elementwise region")
+    ia, ib = players
+    a, b = node.inputs[ia], node.inputs[ib]
     e, z = ctx.emit, node.outputs[0]
     op = node.op_type
-    g_xr = e.op(op, [ctx.pair_x(a), ctx.pair_r(b)])
-    g_rx = e.op(op, [ctx.pair_r(a), ctx.pair_x(b)])
+
+    def corner(side_a: str, side_b: str) -> ir.Value:
+        args = [ctx.pair_side(a, side_a) if i == ia else ctx.pair_side(b, side_b) if i == ib
+                else ctx.pair_constant(v, like=z) for i, v in enumerate(node.inputs)]
+        return e.op(op, args)
+
+    g_xr, g_rx = corner("x", "r"), corner("r", "x")
     z_x, z_r = ctx.pair_x(z), ctx.pair_r(z)
     half = e.scalar(0.5)
     dz_a = e.op("Mul", [e.op("Add", [e.op("Sub", [g_xr, z_r]), e.op("Sub", [z_x, g_rx])]), half])
     dz_b = e.op("Mul", [e.op("Add", [e.op("Sub", [g_rx, z_r]), e.op("Sub", [z_x, g_xr])]), half])
-    slopes = {side: DERIVATIVES[op](e, node, [ctx.side(a, side), ctx.side(b, side)], ctx.side(z, side))
+    slopes = {side: DERIVATIVES[op](e, node, [ctx.side(v, side) for v in node.inputs], ctx.side(z, side))
               for side in ("x", "r")}
-    result = []
-    for index, (player, dz) in enumerate(((a, dz_a), (b, dz_b))):
-        delta = ctx.pair_delta(player)
-        tiny = e.op("Less", [e.op("Abs", [delta]), e.scalar(TINY_DELTA)])
-        ratio = e.op("Div", [dz, e.op("Where", [tiny, e.scalar(1.0), delta])])
-        bz = ctx.batch_axis(z)
+    corners = [g_xr, g_rx, z_x, z_r]
+    magnitude = e.op("Mul", [e.op("Sum", [e.op("Abs", [v]) for v in corners]), half])  # what dz rounds
+    result: list[ir.Value | None] = [None] * len(node.inputs)
+    bz = ctx.batch_axis(z)
+    for index, player, dz in ((ia, a, dz_a), (ib, b, dz_b)):
         slope = e.op("Mul", [e.op("Add", [e.unsqueeze(slopes["x"][index], [bz + 1, bz + 2]),
                                           e.unsqueeze(slopes["r"][index], [bz, bz + 2])]), half])
-        result.append(ctx.scale(outs[0], e.op("Where", [tiny, slope, ratio]), z, player))
+        factor = rescale_factor(e, dz, ctx.pair_delta(player), slope, magnitude)
+        result[index] = ctx.scale(outs[0], factor, z, player)
     return result

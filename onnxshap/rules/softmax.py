@@ -5,9 +5,10 @@ With ``s`` the maximum over both rows of a pair (shared by x and r, so it cancel
 
 - Softmax ``y = e / S``: division rule ``M_e = M_y ⊙ ½(1/S_x + 1/S_r)``,
   ``M_S = −Σ M_y ⊙ (e_x + e_r) / (2 S_x S_r)``; the sum is linear (``M_e += M_S``); the exp is a rescale
-  ``M_a = M_e ⊙ (e_x − e_r) / Δa`` (slope ``(e_x + e_r)/2`` where ``|Δa| < 1e-6``).
+  ``M_a = M_e ⊙ (e_x − e_r) / Δa`` (slope ``(e_x + e_r)/2`` where the float32 secant is unreliable).
 - LogSoftmax ``y = a − log S``: ``M_a = M_y + M_e ⊙ (e_x − e_r)/Δa`` with
-  ``M_e = −Σ M_y ⊙ (log S_x − log S_r)/(S_x − S_r)`` (log rescale; slope ``2/(S_x + S_r)`` when ``S_x ≈ S_r``).
+  ``M_e = −Σ M_y ⊙ (log S_x − log S_r)/(S_x − S_r)`` (log rescale; slope ``½(1/S_x + 1/S_r)`` where the
+  secant is unreliable). Both rescales choose secant or slope with ``elementwise.rescale_factor``.
 
 Equal to the unshifted decomposition ``exp(a) / Σ exp(a)``, computed stably; the shift is per pair.
 """
@@ -18,9 +19,8 @@ import onnx_ir as ir
 
 from onnxshap.emit import op_attr
 from onnxshap.pairs import PairContext
+from onnxshap.rules.elementwise import rescale_factor
 from onnxshap.rules.registry import register
-
-TINY_DELTA = 1e-6
 
 
 def _axis_check(ctx: PairContext, node: ir.Node) -> str | None:
@@ -54,19 +54,16 @@ def softmax(ctx: PairContext, node: ir.Node, outs):
         m_sum = e.reduce("ReduceSum", e.op("Mul", [m_y, through_sum]), [axis])
         m_e = e.op("Sub", [e.op("Mul", [m_y, through_e]), m_sum])
     else:
-        delta_sum = e.op("Sub", [sum_x, sum_r])
-        tiny_sum = e.op("Less", [e.op("Abs", [delta_sum]), e.op("Mul", [e.scalar(TINY_DELTA), sum_x])])
-        log_ratio = e.op("Div", [e.op("Sub", [e.op("Log", [sum_x]), e.op("Log", [sum_r])]),
-                                 e.op("Where", [tiny_sum, e.scalar(1.0), delta_sum])])
-        log_slope = e.op("Div", [e.scalar(2.0), e.op("Add", [sum_x, sum_r])])
-        log_factor = e.op("Where", [tiny_sum, log_slope, log_ratio])
+        log_x, log_r = e.op("Log", [sum_x]), e.op("Log", [sum_r])
+        log_slope = e.op("Mul", [e.op("Add", [e.op("Reciprocal", [sum_x]), e.op("Reciprocal", [sum_r])]), half])
+        log_factor = rescale_factor(e, e.op("Sub", [log_x, log_r]), e.op("Sub", [sum_x, sum_r]), log_slope,
+                                    e.op("Add", [e.op("Abs", [log_x]), e.op("Abs", [log_r])]))
         m_e = e.op("Neg", [e.op("Mul", [e.reduce("ReduceSum", m_y, [axis]), log_factor])])
 
-    delta = ctx.pair_delta(a)
-    tiny = e.op("Less", [e.op("Abs", [delta]), e.scalar(TINY_DELTA)])
-    exp_ratio = e.op("Div", [e.op("Sub", [exp_x, exp_r]), e.op("Where", [tiny, e.scalar(1.0), delta])])
-    exp_slope = e.op("Mul", [e.op("Add", [exp_x, exp_r]), half])
-    m_a = e.op("Mul", [m_e, e.op("Where", [tiny, exp_slope, exp_ratio])])
+    exp_sum = e.op("Add", [exp_x, exp_r])
+    exp_factor = rescale_factor(e, e.op("Sub", [exp_x, exp_r]), ctx.pair_delta(a), e.op("Mul", [exp_sum, half]),
+                                exp_sum)
+    m_a = e.op("Mul", [m_e, exp_factor])
     if node.op_type == "LogSoftmax":
         m_a = e.op("Add", [m_a, m_y])
     return [ctx.collapse(m_a, a)]
