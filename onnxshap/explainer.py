@@ -20,7 +20,7 @@ from onnxshap.lower import lower
 from onnxshap.lower.probe import model_to_proto
 from onnxshap.model import load_model
 from onnxshap.runtime import make_session, providers_for
-from onnxshap.sweep import OUTPUT_INDEX, PREDICTION, AugmentedModel, build_augmented
+from onnxshap.sweep import OUTPUT_INDEX, PREDICTION, AugmentedModel, build_augmented, check_explainable
 
 RANK_ORDERS = ("max", "min", "max_abs")
 ADDITIVITY_TOLERANCE = 1e-4
@@ -97,6 +97,7 @@ class DeepExplainer:
         self.explained = self.layers or self.input_names
         self._check_explained()
         self.output_names = self._select_outputs(outputs)
+        check_explainable(self.lowered, self.explained, self.output_names)
         self._forward_session = make_session(self._forward_proto(), self.providers)
         reference_outputs = self._predict(background)
         self._check_lowering(background, reference_outputs)
@@ -120,6 +121,10 @@ class DeepExplainer:
                 raise InputDataError(
                     f"input {name!r} has dtype {self.lowered.dtypes[name]}: integer inputs (token ids) cannot be "
                     "explained; pass layer=<name of the embedding output> to explain that tensor instead")
+            if self.lowered.dtypes[name] != np.float32:
+                raise UnsupportedModelError(
+                    f"tensor {name!r} is {self.lowered.dtypes[name]}: onnxshap explains float32 models; export the "
+                    "model in float32 (torch: module.float(); Keras: float32 layers)")
             if not isinstance(self.lowered.batch_axes.get(name), int):
                 raise InputDataError(f"tensor {name!r} has no batch axis of its own; it cannot be explained")
 
@@ -148,16 +153,17 @@ class DeepExplainer:
                         rows: int = 8) -> None:
         """The lowered model must reproduce the original on background rows (else refuse: never wrong)."""
         session = make_session(self.proto, ["CPUExecutionProvider"])
-        sample = {name: array[:rows] for name, array in background.items()}
+        index = np.arange(max(rows, 2)) % next(iter(background.values())).shape[0]  # ≥ 2 rows: no size-1 batch
+        sample = {name: array[index] for name, array in background.items()}
+        lowered_outputs = lowered_outputs[index]
         try:
             results = session.run(self.output_names, sample)
         except Exception:  # noqa: BLE001 - a batch fixed at 1: compare row by row
-            rows = min(rows, 4)
             per_row = [session.run(self.output_names, {n: a[i:i + 1] for n, a in sample.items()})
-                       for i in range(rows)]
+                       for i in range(min(len(index), 4))]
             results = [np.concatenate(parts) for parts in zip(*per_row)]
         original = np.concatenate([r.reshape(r.shape[0], -1) for r in results], axis=1).astype(np.float64)
-        lowered = lowered_outputs[: original.shape[0]]
+        lowered = lowered_outputs[: original.shape[0]]  # fewer when run row by row
         error = np.abs(original - lowered) / np.maximum(1.0, np.abs(original))
         if error.max() > 1e-4:
             raise UnsupportedModelError(

@@ -157,6 +157,32 @@ def _is_exit(value: ir.Value, nodes: list[ir.Node], absorbed: set[str], outputs:
         user.name in names and user.name not in absorbed for user, _ in value.uses())
 
 
+def _plan(lowered: LoweredModel, graph: ir.Graph, emit: Emitter, explained: list[str], outputs: list[str],
+          m: int, k: int) -> tuple[PairContext, list[ir.Node], Fusion]:
+    """The pair context, the nodes the sweep visits and the elementwise regions; refuses what cannot be
+    explained exactly (every offending node in one error)."""
+    load_rules()
+    variable = variable_tensors(graph, explained)
+    ctx = PairContext(lowered=lowered, emit=emit, m=m, k=k, variable=variable)
+    for name in outputs:
+        if name not in variable:
+            raise UnsupportedModelError(f"output {name!r} does not depend on the explained tensors "
+                                        f"({', '.join(explained)}): nothing to explain")
+        if lowered.batch_axes.get(name) != 0:
+            raise UnsupportedModelError(f"output {name!r} (shape {lowered.shapes[name]}) does not have the batch "
+                                        "on its first axis")
+    nodes = _relevant_nodes(graph, outputs, variable)
+    fusion = Fusion(ctx, nodes)
+    _check(ctx, fusion, nodes, set(outputs))
+    return ctx, nodes, fusion
+
+
+def check_explainable(lowered: LoweredModel, explained: list[str], outputs: list[str]) -> None:
+    """Refuse, before any work, a model the sweep could not explain exactly (lists every offending node)."""
+    scratch = ir.Graph([], [], nodes=[])
+    _plan(lowered, lowered.model.graph, Emitter(scratch, lowered.opset), explained, outputs, m=1, k=1)
+
+
 def build_augmented(
     lowered: LoweredModel,
     explained: list[str],
@@ -174,23 +200,11 @@ def build_augmented(
         background: the background rows per graph input.
         k: number of outputs explained per row.
     """
-    load_rules()
     model = ir.from_proto(model_to_proto(lowered.model))
     graph = model.graph
     emit = Emitter(graph, lowered.opset)
     m = next(iter(background.values())).shape[0]
-    variable = variable_tensors(graph, explained)
-    ctx = PairContext(lowered=lowered, emit=emit, m=m, k=k, variable=variable)
-    for name in outputs:
-        if name not in variable:
-            raise UnsupportedModelError(f"output {name!r} does not depend on the explained tensors "
-                                        f"({', '.join(explained)}): nothing to explain")
-        if lowered.batch_axes.get(name) != 0:
-            raise UnsupportedModelError(f"output {name!r} (shape {lowered.shapes[name]}) does not have the batch "
-                                        "on its first axis")
-    nodes = _relevant_nodes(graph, outputs, variable)
-    fusion = Fusion(ctx, nodes)
-    _check(ctx, fusion, nodes, set(outputs))
+    ctx, nodes, fusion = _plan(lowered, graph, emit, explained, outputs, m, k)
 
     values = {v.name: v for node in graph for v in node.outputs}
     values.update({v.name: v for v in graph.inputs})
@@ -261,7 +275,7 @@ def build_augmented(
 
     RemoveUnusedNodesPass()(model)
     graph_inputs = [v.name for v in graph.inputs if v.name != OUTPUT_INDEX]
-    largest = max(int(np.prod(lowered.feature_shape(n), dtype=np.int64)) for n in variable
+    largest = max(int(np.prod(lowered.feature_shape(n), dtype=np.int64)) for n in ctx.variable
                   if isinstance(lowered.batch_axes.get(n), int))
     return AugmentedModel(
         proto=model_to_proto(model),

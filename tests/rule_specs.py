@@ -431,9 +431,7 @@ LINEAR: list[Spec] = [
     Spec("flatten_negative_axis", unary("Flatten", (2, 3, 2), axis=-3)),
     Spec("transpose", unary("Transpose", (2, 3, 4), perm=[0, 3, 1, 2])),
     Spec("squeeze", lambda g: g("Squeeze", g.input("x", 1, 4, 1), g.ints(1, 3))),
-    Spec("squeeze_no_axes", lambda g: g("Squeeze", g.input("x", 1, 4, 1)),
-         xfail="explainer._check_lowering runs the original on a 1-row background, where Squeeze without axes "
-               "drops the batch axis too, and then refuses the (correct) lowered model"),
+    Spec("squeeze_no_axes", lambda g: g("Squeeze", g.input("x", 1, 4, 1))),
     Spec("unsqueeze", lambda g: g("Unsqueeze", g.input("x", 4), g.ints(1, -1))),
     Spec("concat_cls_token", _concat_cls_token),
     Spec("concat_two_inputs", lambda g: g("Concat", g.input("a", 2, 3), g.input("b", 1, 3), axis=1)),

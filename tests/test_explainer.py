@@ -216,3 +216,16 @@ def test_a_lowering_that_changes_the_model_is_refused(monkeypatch, data):
     monkeypatch.setattr(explainer_module, "lower", lambda proto, examples: real_lower(_mlp_proto(seed=5), examples))
     with pytest.raises(onnxshap.UnsupportedModelError, match="does not reproduce the original"):
         onnxshap.DeepExplainer(_mlp_proto(), background)
+
+
+def test_float64_model_is_refused_clearly():
+    rng = np.random.default_rng(0)
+    double = onnx.TensorProto.DOUBLE
+    w = oh.make_tensor("w", double, [3, 2], rng.normal(size=6))
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", double, ["N", 3])],
+                          [oh.make_tensor_value_info("y", double, ["N", 2])], initializer=[w])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 9
+    with pytest.raises(onnxshap.UnsupportedModelError, match="float64: onnxshap explains float32 models"):
+        onnxshap.DeepExplainer(model, rng.normal(size=(4, 3)))

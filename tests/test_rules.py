@@ -510,9 +510,7 @@ def _no_rule_and_failed_check(g: rs.Graph) -> str:
 @pytest.mark.parametrize("build,refused", [
     pytest.param(_no_rule_and_custom, ("CumSum", "Gelu"), id="no_rule+custom_domain"),
     pytest.param(_two_failed_checks, ("Where", "MaxPool"), id="two_failed_checks"),
-    pytest.param(_no_rule_and_failed_check, ("CumSum", "Where"), id="no_rule+failed_check", marks=pytest.mark.xfail(
-        strict=True, reason="lower() refuses ops without a rule before the sweep runs its checks, so the "
-                            "error names only the CumSum")),
+    pytest.param(_no_rule_and_failed_check, ("CumSum", "Where"), id="no_rule+failed_check"),
 ])
 def test_one_error_lists_every_unsupported_node(build, refused):
     """Two unsupported nodes in one graph → one UnsupportedModelError naming both nodes and op types."""

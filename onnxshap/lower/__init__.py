@@ -62,9 +62,14 @@ def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMod
     InlinePass()(model)
     NameFixPass()(model)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    _refuse_unknown_ops(model)
+    unknown = _unknown_ops(model)
     _relax_input_batch(model, examples)
-    probe_a, probe_b = _probe_relaxing_batch(model, examples)
+    try:
+        probe_a, probe_b = _probe_relaxing_batch(model, examples)
+    except UnsupportedModelError:
+        if unknown:  # e.g. custom-domain ops ONNX Runtime cannot run either: name them all
+            raise unsupported_nodes_error(unknown) from None
+        raise
     _annotate(model, probe_a, probe_b)
     fold_batch_invariant(model, probe_a, probe_b)
     if _unroll(model):
@@ -73,7 +78,7 @@ def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMod
         fold_batch_invariant(model, probe_a, probe_b)
     shapes = {name: array.shape for name, array in probe_a.items()}
     for value in model.graph.inputs:
-        shapes[value.name] = examples[value.name][:PROBE_BATCHES[0]].shape
+        shapes[value.name] = probe_feeds(examples, PROBE_BATCHES[0])[value.name].shape
     if decompose_composites(model, shapes, opset):
         probe_a, probe_b = probe_twice(model, examples)
         fold_batch_invariant(model, probe_a, probe_b)
@@ -118,8 +123,8 @@ def _drop_overridable_initializer_inputs(model: ir.Model) -> None:
             model.graph.inputs.remove(value)
 
 
-def _refuse_unknown_ops(model: ir.Model) -> None:
-    """Before running anything: every node on a data path needs a rule, a lowering or a fold."""
+def _unknown_ops(model: ir.Model) -> list[ir.Node]:
+    """Nodes on a data path with no rule, lowering or fold (the sweep's check refuses them with the rest)."""
     from onnxshap.lower.composites import REWRITTEN_OPS
     from onnxshap.lower.fold import value_dependent
     from onnxshap.rules.elementwise import ELEMENTWISE_OPS
@@ -131,8 +136,7 @@ def _refuse_unknown_ops(model: ir.Model) -> None:
     unknown = [node for node in model.graph
                if any(v in dependent for v in node.inputs if v is not None)
                and (node.domain not in ("", "ai.onnx") or node.op_type not in known)]
-    if unknown:
-        raise unsupported_nodes_error(unknown)
+    return unknown
 
 
 def _relax_input_batch(model: ir.Model, examples: dict[str, np.ndarray]) -> None:
@@ -223,9 +227,11 @@ def _annotate(model: ir.Model, probe_a: dict[str, np.ndarray], probe_b: dict[str
 
 
 def _set_shape(value: ir.Value, a: np.ndarray, b: np.ndarray) -> None:
-    axis = batch_axis(a.shape, b.shape)
-    dims = [ir.SymbolicDim(BATCH) if i == axis else d for i, d in enumerate(a.shape)]
-    value.shape = ir.Shape(dims)
+    """Static dims where both probes agree; a symbolic dim wherever the size follows the batch."""
+    if a.ndim != b.ndim:
+        value.shape = None
+    else:
+        value.shape = ir.Shape([d if d == e else ir.SymbolicDim(BATCH) for d, e in zip(a.shape, b.shape)])
     value.type = ir.TensorType(ir.DataType.from_numpy(a.dtype))
 
 

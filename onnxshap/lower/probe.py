@@ -39,6 +39,7 @@ def run_values(
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1  # small probe batches: thread-pool start-up costs more than it saves
     try:
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         wanted = [o.name for o in session.get_outputs()]
