@@ -7,9 +7,12 @@ and on a batch of a different size (which proves the batch axis is really dynami
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import uuid
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -239,3 +242,19 @@ def finish(model: onnx.ModelProto, path: str | os.PathLike | None) -> onnx.Model
     if path is not None:
         save_atomic(model, path)
     return model
+
+
+@contextlib.contextmanager
+def quiet(*logger_names: str):
+    """Silence warnings and the named loggers' progress output (below ERROR) for the duration."""
+    loggers = [logging.getLogger(name) for name in logger_names]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -13,10 +13,7 @@ endpoint (or the ``serving_default`` signature) the same way. Output names are s
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -184,7 +181,7 @@ def _outputs(out) -> list[np.ndarray]:
 def _convert(tf, tf2onnx, call, keras_model, signature, opset) -> onnx.ModelProto:
     """tf2onnx's ``from_keras`` for Keras models, else (or when it fails) ``from_function``."""
     failures = []
-    with _quiet():
+    with _common.quiet("tf2onnx", "tensorflow", "absl"):
         if keras_model is not None:
             try:
                 model, _ = tf2onnx.convert.from_keras(keras_model, input_signature=signature, opset=opset)
@@ -211,20 +208,6 @@ def _first_line(exc: Exception) -> str:
     return (text[-1] if text[0] == "in user code:" else text[0])[:300]
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence tf2onnx's and TensorFlow's progress logging and warnings for the duration."""
-    loggers = [logging.getLogger(n) for n in ("tf2onnx", "tensorflow", "absl")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _verify(model, call, arrays, expected, input_names, output_names, *, rtol, atol) -> None:

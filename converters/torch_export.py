@@ -10,11 +10,8 @@ tried. Whichever is used, the result is accepted only if ONNX Runtime reproduces
 
 from __future__ import annotations
 
-import contextlib
 import io
-import logging
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -169,7 +166,7 @@ def _export_torchscript(torch, module, inputs, opset, input_names, output_names,
         }
         dynamic_axes.update({name: {0: _common.BATCH_DIM} for name in output_names})
     buffer = io.BytesIO()
-    with _quiet(torch):
+    with _common.quiet(*TORCH_LOGGERS):
         torch.onnx.export(
             module, inputs, buffer, dynamo=False, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
@@ -182,7 +179,7 @@ def _export_dynamo(torch, module, inputs, opset, input_names, output_names, dyna
     if dynamic_batch:
         batch = torch.export.Dim(_common.BATCH_DIM)
         dynamic_shapes = tuple({0: batch} if t.ndim > 0 else None for t in inputs)
-    with _quiet(torch):
+    with _common.quiet(*TORCH_LOGGERS):
         program = torch.onnx.export(
             module, inputs, dynamo=True, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
@@ -193,20 +190,7 @@ def _export_dynamo(torch, module, inputs, opset, input_names, output_names, dyna
 _EXPORT = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
 
 
-@contextlib.contextmanager
-def _quiet(torch):
-    """Silence the exporters' deprecation warnings and progress logging for the duration."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+TORCH_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 
 def _verify(torch, module, model, inputs, expected, input_names, output_names, dynamic_batch, *, rtol, atol):

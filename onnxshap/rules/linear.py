@@ -160,15 +160,20 @@ def reduce_axes(ctx: PairContext, node: ir.Node) -> list[int]:
     return sorted(a + rank if a < 0 else a for a in axes)
 
 
-def _reduce_check(ctx: PairContext, node: ir.Node) -> str | None:
-    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is None:
-        return f"{node.op_type} with computed axes is not supported"
-    if ctx.batch_axis(node.inputs[0]) in reduce_axes(ctx, node):
-        return f"{node.op_type} reduces over the batch axis: rows must be explained independently"
-    return None
+def reduce_check(axes_of=reduce_axes):
+    """A check for reduce-type ops: constant axes, never the batch axis (``axes_of(ctx, node)``)."""
+
+    def check(ctx: PairContext, node: ir.Node) -> str | None:
+        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is None:
+            return f"{node.op_type} with computed axes is not supported"
+        if ctx.batch_axis(node.inputs[0]) in axes_of(ctx, node):
+            return f"{node.op_type} reduces over the batch axis: rows must be explained independently"
+        return None
+
+    return check
 
 
-@register("ReduceSum", "ReduceMean", family="linear", check=_reduce_check)
+@register("ReduceSum", "ReduceMean", family="linear", check=reduce_check())
 def reduce_sum(ctx: PairContext, node: ir.Node, outs):
     """``M_a = broadcast(M_y)`` (divided by the window size for the mean)."""
     a = node.inputs[0]

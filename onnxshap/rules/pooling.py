@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnxshap.emit import op_attr
 from onnxshap.pairs import PairContext
-from onnxshap.rules.linear import reduce_axes
+from onnxshap.rules.linear import reduce_axes, reduce_check
 from onnxshap.rules.registry import register
 
 TINY_DELTA = 1e-7
@@ -178,21 +178,13 @@ def _overlapping_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value)
     return ctx.collapse(per_pair, a)
 
 
-def _reduce_check(ctx: PairContext, node: ir.Node) -> str | None:
-    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is None:
-        return f"{node.op_type} with computed axes is not supported"
-    if ctx.batch_axis(node.inputs[0]) in _max_axes(ctx, node):
-        return f"{node.op_type} over the batch axis: rows must be explained independently"
-    return None
-
-
 def _max_axes(ctx: PairContext, node: ir.Node) -> list[int]:
     if node.op_type == "GlobalMaxPool":
         return list(range(2, ctx.rank(node.inputs[0])))
     return reduce_axes(ctx, node)
 
 
-@register("ReduceMax", "ReduceMin", "GlobalMaxPool", family="max-type", check=_reduce_check)
+@register("ReduceMax", "ReduceMin", "GlobalMaxPool", family="max-type", check=reduce_check(_max_axes))
 def reduce_max(ctx: PairContext, node: ir.Node, outs):
     e = ctx.emit
     a, z = node.inputs[0], node.outputs[0]
