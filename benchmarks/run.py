@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ("onnxshap", "captum", "shap", "floor")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+TOOLS = ("onnxshap", "captum", "shap", "shap-keras", "floor")
+FLOOR_CHUNK = 10_000  # rows per autograd pass of the gradient floor
 MODELS = ("mlp", "cnn", "runoff_lstm", "stacked_lstm")
 
 
@@ -126,7 +128,7 @@ def run_shap(module, x, background, repeats):
 
 
 def run_floor(module, x, background, repeats):
-    """ORT forward over n + m rows + one autograd backward over n·m·k rows (values: gradient × Δ, not SHAP)."""
+    """ORT forward over n + m rows + an autograd backward over the n·m·k pair rows (in chunks of 10 000)."""
     import onnxruntime as ort
     import torch
 
@@ -137,20 +139,44 @@ def run_floor(module, x, background, repeats):
     name = session.get_inputs()[0].name
     n, m = len(x), len(background)
     k = module(torch.tensor(x[:1])).shape[1]
+    rows = np.repeat(x, m * k, axis=0)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         session.run(None, {name: np.concatenate([x, background])})
-        pairs = torch.tensor(np.repeat(x, m * k, axis=0), requires_grad=True)
-        out = module(pairs)
-        seed = torch.zeros_like(out)
-        seed[torch.arange(n * m * k), torch.arange(n * m * k) % k] = 1.0
-        out.backward(seed)
+        for begin in range(0, len(rows), FLOOR_CHUNK):  # chunks keep activations in memory
+            pairs = torch.tensor(rows[begin:begin + FLOOR_CHUNK], requires_grad=True)
+            out = module(pairs)
+            seed = torch.zeros_like(out)
+            index = torch.arange(begin, begin + len(pairs))
+            seed[index - begin, index % k] = 1.0
+            out.backward(seed)
         times.append(time.perf_counter() - start)
     return times, None
 
 
-RUNNERS = {"onnxshap": run_onnxshap, "captum": run_captum, "shap": run_shap, "floor": run_floor}
+def run_shap_keras(module, x, background, repeats):
+    """shap.DeepExplainer on the tf_keras twin through shap's legacy TF1 path (single-layer LSTMs only)."""
+    import tempfile
+
+    import legacy_shap
+
+    if len(module.layers) != 1:
+        raise ValueError("the legacy Keras path is benchmarked on single-layer LSTMs only")
+    lstm = module.layers[0]
+    weights = legacy_shap.keras_lstm_weights(*(getattr(lstm, f"{p}_l0").detach().numpy()
+                                               for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = f"{folder}/in.npz", f"{folder}/out.npz"
+        legacy_shap.write_input(source, cell="lstm", kernel=weights[0], recurrent_kernel=weights[1], bias=weights[2],
+                                dense_kernel=module.head.weight.detach().numpy().T,
+                                dense_bias=module.head.bias.detach().numpy(), x=x, background=background)
+        result = legacy_shap.run([(source, target)])[0]
+    return [float(result["seconds"])], result["shap_values"]
+
+
+RUNNERS = {"onnxshap": run_onnxshap, "captum": run_captum, "shap": run_shap, "floor": run_floor,
+           "shap-keras": run_shap_keras}
 
 
 def worker(tool: str, model_name: str, n: int, m: int, repeats: int) -> dict:
@@ -247,11 +273,16 @@ def main(argv=None) -> int:
     print(f"n = {args.n} samples, m = {args.m} references, all outputs; median of {args.repeats}; "
           "ratio = time / onnxshap's time")
     header = f"{'model':14s}" + "".join(f" | {tool:>35s}" for tool in args.tools)
+    print("shap-keras: shap's legacy TF1 path on the tf_keras twin (the only exact shap path for LSTMs); "
+          "floor: ORT forward + torch backward over the n·m·k pairs")
     print(header)
     print(f"{'':14s}" + "".join(f" | {'time':>9} {'ratio':>7} {'peakRSS':>8} {'additiv.':>9}" for _ in args.tools))
     for model in args.models:
         results = {}
         for tool in args.tools:
+            if tool == "shap-keras" and model != "runoff_lstm":
+                results[tool] = None
+                continue
             repeats = args.repeats if tool in ("onnxshap", "floor") else 1
             results[tool] = _spawn(["--worker", tool, model, "--n", str(args.n), "--m", str(args.m),
                                     "--repeats", str(repeats)], args.timeout)
@@ -259,7 +290,7 @@ def main(argv=None) -> int:
         base_seconds = base.get("seconds") if "error" not in base else None
         print(f"{model:14s}" + "".join(f" | {_cell(results[t], base_seconds)}" for t in args.tools), flush=True)
         for tool, result in results.items():
-            if result and "error" in result:
+            if result is not None and "error" in result:
                 print(f"    {tool} on {model}: {result['error']}")
     return 0
 
