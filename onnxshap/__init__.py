@@ -7,6 +7,7 @@ from onnxshap.errors import (
     OnnxShapError,
     UnsupportedModelError,
 )
+from onnxshap import plots, timeseries
 from onnxshap.explainer import DeepExplainer
 from onnxshap.explanation import Explanation
 from onnxshap.runtime import warn_if_both_runtimes_installed
@@ -21,6 +22,8 @@ __all__ = [
     "OnnxShapError",
     "UnsupportedModelError",
     "__version__",
+    "plots",
+    "timeseries",
 ]
 
 warn_if_both_runtimes_installed()

@@ -109,7 +109,15 @@ class DeepExplainer:
     # -- set-up --------------------------------------------------------------------------------------
     def _feeds(self, data, what: str) -> dict[str, np.ndarray]:
         arrays = as_feeds(data, self.input_names, what)
-        return check_feeds(arrays, self._input_shapes, self._input_dtypes, what)
+        checked = check_feeds(arrays, self._input_shapes, self._input_dtypes, what)
+        for name, array in checked.items():
+            reference = getattr(self, "background", {}).get(name)
+            if reference is not None and array.shape[1:] != reference.shape[1:]:
+                raise InputDataError(
+                    f"{what} for input {name!r} has shape {array.shape} but the background has rows of shape "
+                    f"{reference.shape[1:]}; the model was lowered (sequences unrolled) for the background's "
+                    "shape: explain rows of that shape, or build a DeepExplainer with a matching background")
+        return checked
 
     def _check_explained(self) -> None:
         known = set(self.lowered.shapes)

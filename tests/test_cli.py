@@ -145,3 +145,35 @@ def test_help_and_usage_errors_as_a_user_sees_them(mlp, tmp_path):
                               str(tmp_path / "x.npy")], capture_output=True, text=True)
     assert missing.returncode == EXIT_USAGE
     assert missing.stderr.strip() == f"onnxshap: error: model file not found: {tmp_path / 'none.onnx'}"
+
+
+def _not_blank(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.stat().st_size > 10_000
+    assert matplotlib.image.imread(str(path)).std() > 0.05
+
+
+def test_runoff_model_heatmap_and_bar(tmp_path):
+    """The bundled runoff LSTM: the CLI draws the variables × time-steps heatmap; the bar plot of global
+    importance draws from the explanation with the variable names."""
+    import json
+
+    from onnxshap import DeepExplainer, plots
+    from onnxshap.timeseries import variable_importance
+
+    data = np.load(MODELS / "runoff_data.npy")
+    np.save(tmp_path / "runoff.npy", data[:12])
+    np.save(tmp_path / "background.npy", data[100:140])
+    names = json.loads((MODELS / "runoff_variables.json").read_text())
+    (tmp_path / "names.txt").write_text("\n".join(names))
+    heatmap = tmp_path / "heatmap.png"
+    code = main([str(MODELS / "runoff_lstm.onnx"), str(tmp_path / "runoff.npy"), "-b", str(tmp_path / "background.npy"),
+                 "--names", str(tmp_path / "names.txt"), "--plot", str(heatmap), "-q"])
+    assert code == EXIT_OK
+    _not_blank(heatmap)
+    explanation = DeepExplainer(MODELS / "runoff_lstm.onnx", data[100:140]).explain(data[:12])
+    importance = variable_importance(explanation, names)
+    bar = tmp_path / "bar.png"
+    plots.importance_bar(np.array(list(importance.values())), names=list(importance), path=bar)
+    _not_blank(bar)

@@ -229,3 +229,36 @@ def test_float64_model_is_refused_clearly():
     model.ir_version = 9
     with pytest.raises(onnxshap.UnsupportedModelError, match="float64: onnxshap explains float32 models"):
         onnxshap.DeepExplainer(model, rng.normal(size=(4, 3)))
+
+
+def test_external_data_inside_the_folder_loads_and_outside_is_refused(tmp_path, data):
+    x, background = data
+    model = _mlp_proto()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(model, str(folder / "mlp.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    values = onnxshap.DeepExplainer(folder / "mlp.onnx", background).shap_values(x)
+    np.testing.assert_allclose(values, onnxshap.DeepExplainer(model, background).shap_values(x), rtol=1e-6)
+    escaped = onnx.load(str(folder / "mlp.onnx"), load_external_data=False)
+    for tensor in escaped.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    (tmp_path / "weights.bin").write_bytes((folder / "weights.bin").read_bytes())
+    onnx.save(escaped, str(folder / "escaped.onnx"))
+    with pytest.raises(onnxshap.ModelLoadError, match="outside the model's folder"):
+        onnxshap.DeepExplainer(folder / "escaped.onnx", background)
+
+
+def test_data_must_have_the_backgrounds_shape():
+    """Sequence models are unrolled for the background's length: other lengths are refused clearly."""
+    rng = np.random.default_rng(0)
+    graph = oh.make_graph([oh.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "g",
+                          [oh.make_tensor_value_info("x", FLOAT, ["N", "T"])],
+                          [oh.make_tensor_value_info("y", FLOAT, ["N"])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
+    model.ir_version = 9
+    ex = onnxshap.DeepExplainer(model, rng.normal(size=(4, 5)).astype(np.float32))
+    with pytest.raises(onnxshap.InputDataError, match="background"):
+        ex.shap_values(rng.normal(size=(2, 6)).astype(np.float32))
