@@ -62,7 +62,7 @@ class DeepExplainer:
             flattened and concatenated into one output vector.
         device: ``"auto"`` (CUDA when it really loads), ``"cpu"`` or ``"cuda"``.
         batch_size: rows per ONNX Runtime call (default: as many as fit ``max_memory``).
-        max_memory: memory budget in bytes for one call (default: a quarter of the available RAM, ≤ 4 GiB).
+        max_memory: memory budget in bytes for one call (default: a quarter of the available RAM, ≤ 1 GiB).
         feature_names: names of the last axis of the (single) explained input; DataFrame columns by default.
 
     Example:
@@ -82,7 +82,7 @@ class DeepExplainer:
         self.proto = load_model(model)
         self.providers = providers_for(device)
         self.batch_size = batch_size
-        self.max_memory = max_memory or min(_available_memory() // 4, 4 << 30)
+        self.max_memory = max_memory or min(_available_memory() // 4, 1 << 30)
         initializers = {i.name for i in self.proto.graph.initializer}
         graph_inputs = [i for i in self.proto.graph.input if i.name not in initializers]
         self.input_names = [i.name for i in graph_inputs]
@@ -201,7 +201,7 @@ class DeepExplainer:
     def _predict(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         parts = []
         rows = next(iter(feeds.values())).shape[0]
-        step = 4096
+        step = 256  # rows per forward call: bounds the forward session's memory
         for start in range(0, rows, step):
             chunk = {n: a[start:start + step] for n, a in feeds.items()}
             results = _run_session(self._forward_session, self.output_names, chunk)

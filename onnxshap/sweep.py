@@ -283,7 +283,7 @@ def build_augmented(
         values=value_names,
         explained=list(explained),
         k=k,
-        bytes_per_row=4 * largest * m * (3 * k + 4),
+        bytes_per_row=4 * largest * m * (6 * k + 16),  # measured: ~2-3 tensors of the largest pair size alive
     )
 
 

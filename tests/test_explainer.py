@@ -234,10 +234,14 @@ def test_float64_model_is_refused_clearly():
 def test_external_data_inside_the_folder_loads_and_outside_is_refused(tmp_path, data):
     x, background = data
     model = _mlp_proto()
+    raw = [onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name) for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(raw)  # external data holds raw_data tensors
     folder = tmp_path / "model"
     folder.mkdir()
     onnx.save(model, str(folder / "mlp.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="weights.bin", size_threshold=0)
+    assert (folder / "weights.bin").exists(), sorted(p.name for p in tmp_path.rglob("*"))
     values = onnxshap.DeepExplainer(folder / "mlp.onnx", background).shap_values(x)
     np.testing.assert_allclose(values, onnxshap.DeepExplainer(model, background).shap_values(x), rtol=1e-6)
     escaped = onnx.load(str(folder / "mlp.onnx"), load_external_data=False)
@@ -254,9 +258,10 @@ def test_external_data_inside_the_folder_loads_and_outside_is_refused(tmp_path, 
 def test_data_must_have_the_backgrounds_shape():
     """Sequence models are unrolled for the background's length: other lengths are refused clearly."""
     rng = np.random.default_rng(0)
-    graph = oh.make_graph([oh.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "g",
+    axes = oh.make_tensor("axes", onnx.TensorProto.INT64, [1], [1])
+    graph = oh.make_graph([oh.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)], "g",
                           [oh.make_tensor_value_info("x", FLOAT, ["N", "T"])],
-                          [oh.make_tensor_value_info("y", FLOAT, ["N"])])
+                          [oh.make_tensor_value_info("y", FLOAT, ["N", 1])], initializer=[axes])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
     model.ir_version = 9
     ex = onnxshap.DeepExplainer(model, rng.normal(size=(4, 5)).astype(np.float32))
