@@ -243,7 +243,7 @@ def test_external_data_inside_the_folder_loads_and_outside_is_refused(tmp_path, 
               location="weights.bin", size_threshold=0)
     assert (folder / "weights.bin").exists(), sorted(p.name for p in tmp_path.rglob("*"))
     values = onnxshap.DeepExplainer(folder / "mlp.onnx", background).shap_values(x)
-    np.testing.assert_allclose(values, onnxshap.DeepExplainer(model, background).shap_values(x), rtol=1e-6)
+    np.testing.assert_allclose(values, onnxshap.DeepExplainer(_mlp_proto(), background).shap_values(x), rtol=1e-6)
     escaped = onnx.load(str(folder / "mlp.onnx"), load_external_data=False)
     for tensor in escaped.graph.initializer:
         for entry in tensor.external_data:
