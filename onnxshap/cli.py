@@ -190,9 +190,9 @@ def _plot(explanation, path: str) -> None:
     from onnxshap import plots
 
     values, data = explanation.values, explanation.data
-    if data.ndim == 4 or (data.ndim == 3 and data.shape[-1] in (1, 3) and data.shape[1] > 4):
+    if data.ndim == 4:  # images (n, C, H, W) or (n, H, W, C)
         plots.image_plot(values, data, output_names=explanation.output_names, path=path)
-    elif data.ndim == 3:  # (n, T, F): the first explained output
+    elif data.ndim == 3:  # sequences (n, T, F): the first explained output
         plots.timeseries_heatmap(values[..., 0], variable_names=explanation.feature_names, path=path)
     else:
         plots.importance_bar(np.abs(values).mean(axis=(0, -1)).reshape(-1), names=explanation.feature_names,
