@@ -16,15 +16,11 @@ from onnxshap.pairs import PairContext
 from onnxshap.rules.registry import register
 
 
-def _only_output(outs):
-    return outs[0]
-
-
 @register("Identity", "Cast", family="linear")
 def identity(ctx: PairContext, node: ir.Node, outs):
     if node.op_type == "Cast" and not np.issubdtype(ctx.dtype(node.outputs[0]), np.floating):
         return [None]
-    return [_only_output(outs)]
+    return [outs[0]]
 
 
 @register("Neg", family="linear")
