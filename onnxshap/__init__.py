@@ -1,5 +1,6 @@
 """onnxshap: Deep SHAP for any deep-learning framework, through ONNX and ONNX Runtime."""
 
+from onnxshap import plots, timeseries
 from onnxshap.errors import (
     AdditivityError,
     InputDataError,
@@ -7,7 +8,6 @@ from onnxshap.errors import (
     OnnxShapError,
     UnsupportedModelError,
 )
-from onnxshap import plots, timeseries
 from onnxshap.explainer import DeepExplainer
 from onnxshap.explanation import Explanation
 from onnxshap.runtime import warn_if_both_runtimes_installed
