@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnxshap.emit import Emitter
 from onnxshap.errors import UnsupportedModelError
 from onnxshap.lower import LoweredModel
-from onnxshap.lower.fold import SHAPE_ONLY_OPS
+from onnxshap.lower.fold import SHAPE_ONLY_OPS, remove_dead_nodes
 from onnxshap.lower.probe import model_to_proto, run_values
 from onnxshap.pairs import PairContext
 from onnxshap.rules.elementwise import ELEMENTWISE_OPS, Fusion, is_linear, unfusable_reason
@@ -208,7 +208,6 @@ def build_augmented(
 
     values = {v.name: v for node in graph for v in node.outputs}
     values.update({v.name: v for v in graph.inputs})
-    original_outputs = list(graph.outputs)
     graph.outputs.clear()
 
     # the output vector and its seed: M_y = one-hot(output_index) for every pair
@@ -268,12 +267,9 @@ def build_augmented(
     prediction.type = ir.TensorType(ir.DataType.FLOAT)
     prediction.shape = ir.Shape(["n", total])
     graph.outputs.append(prediction)
-    del original_outputs
 
     _fill_references(lowered, ctx, background, graph)
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    RemoveUnusedNodesPass()(model)
+    remove_dead_nodes(model)
     graph_inputs = [v.name for v in graph.inputs if v.name != OUTPUT_INDEX]
     largest = max(int(np.prod(lowered.feature_shape(n), dtype=np.int64)) for n in ctx.variable
                   if isinstance(lowered.batch_axes.get(n), int))
