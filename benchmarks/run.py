@@ -84,8 +84,9 @@ def additivity(values: np.ndarray, predictions: np.ndarray, expected: np.ndarray
 
 # -- tools (each returns: seconds per repeat, values (n, *features, k)) -------------------------------
 def run_onnxshap(module, x, background, repeats):
+    from onnxshap.converters import export_torch
+
     import onnxshap
-    from converters import export_torch
 
     proto = export_torch(module, background[:2])
     explainer = onnxshap.DeepExplainer(proto, background)
@@ -131,13 +132,12 @@ def run_floor(module, x, background, repeats):
     """ORT forward over n + m rows + an autograd backward over the n·m·k pair rows (in chunks of 10 000)."""
     import onnxruntime as ort
     import torch
-
-    from converters import export_torch
+    from onnxshap.converters import export_torch
 
     proto = export_torch(module, background[:2])
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    n, m = len(x), len(background)
+    m = len(background)
     k = module(torch.tensor(x[:1])).shape[1]
     rows = np.repeat(x, m * k, axis=0)
     times = []
@@ -197,8 +197,9 @@ def worker(tool: str, model_name: str, n: int, m: int, repeats: int) -> dict:
 
 def worker_large(n: int, m: int) -> dict:
     """10 000 CNN rows against 100 references, top output only, with progress."""
+    from onnxshap.converters import export_torch
+
     import onnxshap
-    from converters import export_torch
 
     module, shape = build_model("cnn")
     x, background = make_data(shape, n, m)

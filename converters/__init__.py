@@ -6,11 +6,11 @@ framework's outputs on the example inputs within tolerance. Importing this packa
 nor TensorFlow; each function imports its framework when called.
 
 Example:
-    >>> from converters import export_torch
+    >>> from onnxshap.converters import export_torch
     >>> model = export_torch(net, x_example, "net.onnx")
 """
 
-from converters.keras_export import export_keras
-from converters.torch_export import export_torch
+from onnxshap.converters.keras_export import export_keras
+from onnxshap.converters.torch_export import export_torch
 
 __all__ = ["export_keras", "export_torch"]

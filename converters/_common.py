@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from onnxshap.errors import ExportError
+from onnxshap import runtime
+from onnxshap.errors import ExportError, OnnxRuntimeError, first_line
 
 # The newest IR version onnxruntime 1.20-1.31 loads; exporters may write newer ones.
 MAX_IR_VERSION = 10
@@ -65,14 +66,18 @@ def grow_batch(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a model with ONNX Runtime on CPU; feeds the model does not take are left out."""
-    import onnxruntime as ort
+    """Run a model with ONNX Runtime on CPU, as the explainer does; feeds the model does not take are left out.
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    Raises:
+        ExportError: ONNX Runtime refused the export or failed running it (an exporter bug or an op ONNX
+            Runtime lacks): the export is unusable, and the torch exporter tries its next exporter.
+    """
+    try:
+        session = runtime.make_session(model, runtime.CPU)
+        wanted = {i.name for i in session.get_inputs()}
+        return runtime.run(session, None, {k: v for k, v in feeds.items() if k in wanted})
+    except OnnxRuntimeError as exc:
+        raise ExportError(f"the export does not run: {exc}") from None
 
 
 def compare_outputs(
@@ -237,8 +242,7 @@ def finish(model: onnx.ModelProto, path: str | os.PathLike | None) -> onnx.Model
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"the exported model is not valid ONNX: {first}") from exc
+        raise ExportError(f"the exported model is not valid ONNX: {first_line(exc)}") from exc
     if path is not None:
         save_atomic(model, path)
     return model

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnxshap.converters import _common
 
-from converters import _common
 from onnxshap.errors import ExportError
 
 EXPORTERS = ("auto", "torchscript", "dynamo")

@@ -14,18 +14,15 @@ Deterministic (seeded, single-threaded); runs in a few seconds on a CPU. Run: ``
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from onnxshap.converters import export_torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from converters import export_torch
 
 SEED = 0
 EPOCHS = 40

@@ -42,16 +42,13 @@ Run: ``python models/make_runoff_lstm.py``.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from onnxshap.converters import export_torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from converters import export_torch
 
 SEED = 0
 YEARS = 800

@@ -19,16 +19,13 @@ Run: ``python models/make_stacked_lstm.py``.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from onnxshap.converters import export_torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from converters import export_torch
 
 SEED = 0
 STEPS, VARIABLES = 10, 3

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxshap.errors import InputDataError, ModelLoadError, OnnxShapError
+from onnxshap.errors import InputDataError, OnnxShapError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -178,7 +178,7 @@ def run(args) -> int:
     output = Path(args.output) if args.output else _default_output(args)
     _write_npz(output, arrays)
     if args.save_graph:
-        explainer.save_augmented(args.save_graph, k=first.values.shape[-1])
+        explainer.save_augmented(args.save_graph)
     if args.plot:
         _plot(first, args.plot)
     if not args.quiet:
@@ -226,12 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("-v and -q exclude each other")
     try:
         return run(args)
-    except (ModelLoadError, InputDataError) as exc:
-        print(f"onnxshap: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except OnnxShapError as exc:
         print(f"onnxshap: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return exc.exit_code
     except KeyboardInterrupt:
         print("onnxshap: interrupted", file=sys.stderr)
         return EXIT_FAILED

@@ -1,11 +1,17 @@
-"""The pair layout: where x values, reference values and multipliers live in the augmented graph.
+"""The pair layout: where sample values, reference values and multipliers live in the augmented graph.
 
-The augmented graph runs the forward pass on the n samples only; every reference-side tensor ``t_r`` (m rows)
-is computed once per explanation and stored as a constant. Multipliers of a tensor ``t`` with batch axis ``b``
-have ``t``'s shape with the batch dimension replaced by ``P = n·m·k`` rows, ordered sample-major, then
-reference, then output ("P-form"). A rule that needs values reshapes a multiplier to the *expanded* form
-``t.shape[:b] + (n, m, k) + t.shape[b+1:]``, where ``x`` broadcasts as ``(n, 1, 1)`` and ``r`` as ``(1, m, 1)``
-at the batch position, so factors that depend on the pair only are computed once and broadcast over outputs.
+The augmented graph runs the lowered forward pass **once** on the samples and the references stacked along
+the batch axis, ``[X; R]`` (n + m rows); every tensor ``t`` used by a rule is split into its sample part
+``t_x`` (the first n rows) and its reference part ``t_r`` (the other m). The sizes n, m and k (outputs per
+sample) are read from the feeds at run time, so one graph serves any number of samples, references and
+explained outputs, and the runner may chunk any of them.
+
+Multipliers of a tensor ``t`` with batch axis ``b`` have ``t``'s shape with the batch dimension replaced by
+``P = n·m·k`` rows, ordered sample-major, then reference, then output ("P-form"). A rule that needs values
+works in the *expanded* form ``t.shape[:b] + (n, m, k) + t.shape[b+1:]``, where ``t_x`` broadcasts as
+``(n, 1, 1)`` and ``t_r`` as ``(1, m, 1)`` at the batch position: factors that depend on the pair only are
+computed once per pair (n·m elements) and broadcast over the k outputs (:meth:`PairContext.pair_average`,
+:meth:`PairContext.pair_mean`).
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxshap.emit import Emitter
-from onnxshap.lower import LoweredModel
+from onnxshap.graph.builder import Builder
+from onnxshap.lower.lowered import LoweredModel
+
+INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -36,25 +44,30 @@ class Scaled:
 Multiplier = ir.Value | Scaled
 
 
+@dataclass(frozen=True)
+class PairSizes:
+    """1-D int64 tensors of one element each, read from the feeds at run time."""
+
+    n: ir.Value  # samples
+    m: ir.Value  # references
+    k: ir.Value  # explained outputs per sample
+
+
 @dataclass
 class PairContext:
     """What rules see of the graph being built.
 
     Attributes:
         lowered: the lowered forward model and its probed shapes.
-        emit: builder that appends nodes to the augmented graph.
-        m: number of references (background rows).
-        k: number of explained outputs per sample.
+        build: the builder that appends nodes to the augmented graph.
         variable: names of tensors that depend on an explained tensor.
-        reference_requests: tensor name → placeholder initializer that will hold the reference values.
+        sizes: the run-time sizes n, m, k (None while only checking).
     """
 
     lowered: LoweredModel
-    emit: Emitter
-    m: int
-    k: int
+    build: Builder
     variable: set[str]
-    reference_requests: dict[str, ir.Value] = field(default_factory=dict)
+    sizes: PairSizes | None
     _cache: dict = field(default_factory=dict)
 
     # -- facts about tensors --------------------------------------------------------------------------
@@ -76,9 +89,18 @@ class PairContext:
     def dtype(self, value: ir.Value) -> np.dtype:
         return self.lowered.dtypes[value.name]
 
+    def expanded_axis(self, value: ir.Value, axis: int) -> int:
+        """Where axis ``axis`` of ``value`` sits in the expanded form (two axes follow the batch)."""
+        return axis + 2 if axis > self.batch_axis(value) else axis
+
+    def _cached(self, key: tuple, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
     # -- values ---------------------------------------------------------------------------------------
     def const(self, value: ir.Value) -> ir.Value:
-        """A tensor that is the same for x and r, in a form that broadcasts against any number of rows.
+        """A tensor that is the same for samples and references, in a form that broadcasts against any rows.
 
         A row-constant tensor (sized from the batch but equal in every row, like a zero initial state) is
         replaced by its first row; any other constant is returned as is.
@@ -86,58 +108,64 @@ class PairContext:
         axis = self.lowered.batch_axes.get(value.name)
         if not isinstance(axis, int) or value.name not in self.lowered.row_constant:
             return value
-        key = ("first_row", value.name)
-        if key not in self._cache:
-            e = self.emit
-            self._cache[key] = e.op("Slice", [value, e.ints([0]), e.ints([1]), e.ints([axis])], hint="first_row")
-        return self._cache[key]
+        return self._cached(("first_row", value.name),
+                            lambda: self.build.slice(value, [0], [1], [axis], hint="first_row"))
 
     def x(self, value: ir.Value) -> ir.Value:
-        """The sample-side tensor (n rows): the forward value itself."""
-        return value if self.is_variable(value) else self.const(value)
-
-    def r(self, value: ir.Value) -> ir.Value:
-        """The reference-side tensor (m rows) of a variable tensor; a constant tensor is its own."""
+        """The sample side (n rows) of a variable tensor; a constant tensor is its own."""
         if not self.is_variable(value):
             return self.const(value)
-        if value.name not in self.reference_requests:
-            placeholder = ir.Value(name=f"reference/{value.name}")
-            self.reference_requests[value.name] = placeholder
-        return self.reference_requests[value.name]
+        b = self.batch_axis(value)
+        return self._cached(("x", value.name), lambda: self.build.slice(
+            value, self.build.ints([0]), self.sizes.n, [b], hint="x"))
+
+    def r(self, value: ir.Value) -> ir.Value:
+        """The reference side (m rows) of a variable tensor; a constant tensor is its own."""
+        if not self.is_variable(value):
+            return self.const(value)
+        b = self.batch_axis(value)
+        return self._cached(("r", value.name), lambda: self.build.slice(
+            value, self.sizes.n, self.build.ints([INT64_MAX]), [b], hint="r"))
 
     def side(self, value: ir.Value, which: str) -> ir.Value:
         """``x(value)`` or ``r(value)`` by name of the side ("x" or "r")."""
         return self.x(value) if which == "x" else self.r(value)
 
     def pair_x(self, value: ir.Value) -> ir.Value:
-        """x values broadcastable against an expanded tensor: (n, 1, 1) at the batch position."""
+        """Sample values broadcastable against an expanded tensor: (n, 1, 1) at the batch position."""
         if not self.is_variable(value):
             return self.pair_constant(value)
-        key = ("pair_x", value.name)
-        if key not in self._cache:
-            b = self.batch_axis(value)
-            self._cache[key] = self.emit.unsqueeze(value, [b + 1, b + 2])
-        return self._cache[key]
+        b = self.batch_axis(value)
+        return self._cached(("pair_x", value.name), lambda: self.build.unsqueeze(self.x(value), [b + 1, b + 2]))
 
     def pair_r(self, value: ir.Value) -> ir.Value:
         """Reference values broadcastable against an expanded tensor: (1, m, 1) at the batch position."""
         if not self.is_variable(value):
             return self.pair_constant(value)
-        key = ("pair_r", value.name)
-        if key not in self._cache:
-            b = self.batch_axis(value)
-            self._cache[key] = self.emit.unsqueeze(self.r(value), [b, b + 2])
-        return self._cache[key]
+        b = self.batch_axis(value)
+        return self._cached(("pair_r", value.name), lambda: self.build.unsqueeze(self.r(value), [b, b + 2]))
 
     def pair_side(self, value: ir.Value, which: str) -> ir.Value:
         return self.pair_x(value) if which == "x" else self.pair_r(value)
 
     def pair_delta(self, value: ir.Value) -> ir.Value:
-        """Δ = x − r per pair, shape (n, m, 1) at the batch position."""
-        key = ("delta", value.name)
-        if key not in self._cache:
-            self._cache[key] = self.emit.op("Sub", [self.pair_x(value), self.pair_r(value)], hint="delta")
-        return self._cache[key]
+        """``Δ = x − r`` per pair, shape (n, m, 1) at the batch position."""
+        return self._cached(("delta", value.name), lambda: self.build.op(
+            "Sub", [self.pair_x(value), self.pair_r(value)], hint="delta"))
+
+    def pair_mean(self, value: ir.Value) -> ir.Value:
+        """``(x + r) / 2`` per pair: the Shapley weight of the other player in a product."""
+        return self._cached(("mean", value.name), lambda: self.build.op(
+            "Mul", [self.build.op("Add", [self.pair_x(value), self.pair_r(value)]), self.build.scalar(0.5)],
+            hint="pair_mean"))
+
+    def pair_average(self, x_side: ir.Value, r_side: ir.Value, like: ir.Value) -> ir.Value:
+        """``(x_side + r_side) / 2`` per pair, for tensors computed separately on the sample side (n rows)
+        and the reference side (m rows) in ``like``'s layout: the end-point average of a slope."""
+        b = self.batch_axis(like)
+        total = self.build.op("Add", [self.build.unsqueeze(x_side, [b + 1, b + 2]),
+                                      self.build.unsqueeze(r_side, [b, b + 2])])
+        return self.build.op("Mul", [total, self.build.scalar(0.5)], hint="pair_average")
 
     def pair_constant(self, value: ir.Value, like: ir.Value | None = None) -> ir.Value:
         """A batch-independent tensor reshaped to broadcast against expanded tensors shaped like ``like``.
@@ -147,82 +175,80 @@ class PairContext:
         """
         like = like or value
         value = self.const(value)
-        if self.is_variable(like):
-            b, rank = self.batch_axis(like), self.rank(like)
-        else:
+        if not self.is_variable(like):
             return value
+        b, rank = self.batch_axis(like), self.rank(like)
         shape = tuple(value.shape) if value.shape is not None else self.shape(value)
         if len(shape) <= rank - b - 1:
             return value  # only covers axes after the batch: broadcasts as is
         padded = (1,) * (rank - len(shape)) + tuple(shape)
-        target = padded[: b + 1] + (1, 1) + padded[b + 1 :]
-        return self.emit.reshape(value, list(target))
+        return self.build.reshape(value, list(padded[: b + 1] + (1, 1) + padded[b + 1:]))
 
     # -- multiplier layouts ---------------------------------------------------------------------------
+    def shape_with_pairs(self, before: list[int], after: list[int], k: bool = True) -> ir.Value:
+        """A Reshape target ``before + [-1, m, k] + after`` (``[-1, m] + after`` without k), m and k as fed."""
+        key = ("pair_shape", tuple(before), tuple(after), k)
+        parts = [self.build.ints([*before, -1]), self.sizes.m, *([self.sizes.k] if k else []), self.build.ints(after)]
+        return self._cached(key, lambda: self.build.concat(parts, 0, hint="pair_shape"))
+
     def expand(self, multiplier: ir.Value, like: ir.Value) -> ir.Value:
         """P-form → expanded form ``shape[:b] + (n, m, k) + shape[b+1:]``."""
         b, shape = self.batch_axis(like), self.shape(like)
-        return self.emit.reshape(multiplier, list(shape[:b]) + [-1, self.m, self.k] + list(shape[b + 1 :]))
+        return self.build.reshape(multiplier, self.shape_with_pairs(list(shape[:b]), list(shape[b + 1:])))
 
     def collapse(self, expanded: ir.Value, like: ir.Value) -> ir.Value:
         """Expanded form → P-form of ``like``'s shape."""
         b, shape = self.batch_axis(like), self.shape(like)
-        return self.emit.reshape(expanded, list(shape[:b]) + [-1] + list(shape[b + 1 :]))
+        return self.build.reshape(expanded, [*shape[:b], -1, *shape[b + 1:]])
 
-    def scale(self, multiplier: Multiplier, factor: ir.Value, out: ir.Value, into: ir.Value) -> Multiplier:
-        """``multiplier`` of ``out`` times a per-pair ``factor`` (expanded, k = 1), as a multiplier of ``into``
-        (summing over axes where ``into`` was broadcast to ``out``'s shape).
-
-        Without broadcasting the product stays lazy (:class:`Scaled`): factors multiply per pair.
-        """
-        if self.shape(out) == self.shape(into) and self.batch_axis(out) == self.batch_axis(into):
-            if isinstance(multiplier, Scaled):
-                combined = self.emit.op("Mul", [multiplier.factor, factor], hint="combined_factor")
-                return Scaled(multiplier.base, combined, into)
-            return Scaled(multiplier, factor, into)
-        product = self.emit.op("Mul", [self.expand(self.materialize(multiplier), out), factor])
-        return self.unbroadcast(self.collapse(product, out), out, into)
+    def scale(self, multiplier: Multiplier, factor: ir.Value, out: ir.Value) -> Scaled:
+        """``multiplier`` of ``out`` times a per-pair ``factor`` (expanded, k = 1), kept lazy."""
+        if isinstance(multiplier, Scaled):
+            combined = self.build.op("Mul", [multiplier.factor, factor], hint="combined_factor")
+            return Scaled(multiplier.base, combined, out)
+        return Scaled(multiplier, factor, out)
 
     def materialize(self, multiplier: Multiplier | None) -> ir.Value | None:
         """The P-form tensor of a multiplier (applies a pending per-pair factor)."""
         if not isinstance(multiplier, Scaled):
             return multiplier
         like = multiplier.like
-        product = self.emit.op("Mul", [self.expand(multiplier.base, like), multiplier.factor], hint="scaled")
+        product = self.build.op("Mul", [self.expand(multiplier.base, like), multiplier.factor], hint="scaled")
         return self.collapse(product, like)
 
     def add(self, a: Multiplier | None, b: Multiplier | None) -> Multiplier | None:
         """The sum of two multipliers of one tensor (either may be absent)."""
         if a is None or b is None:
             return a if b is None else b
-        return self.emit.op("Add", [self.materialize(a), self.materialize(b)])
+        return self.build.op("Add", [self.materialize(a), self.materialize(b)])
 
-    def unbroadcast(self, multiplier: ir.Value, out: ir.Value, into: ir.Value) -> ir.Value:
-        """Sum a P-form multiplier of ``out`` down to ``into``'s shape (undo numpy broadcasting)."""
+    def unbroadcast(self, multiplier: Multiplier, out: ir.Value, into: ir.Value) -> Multiplier:
+        """A multiplier of ``out`` as one of ``into``, which numpy-broadcast to ``out``'s shape: sum over the
+        broadcast axes (a lazy multiplier stays lazy when nothing was broadcast)."""
         out_shape, in_shape = self.shape(out), self.shape(into)
-        if out_shape == in_shape:
-            return multiplier
+        if out_shape == in_shape and self.batch_axis(out) == self.batch_axis(into):
+            return Scaled(multiplier.base, multiplier.factor, into) if isinstance(multiplier, Scaled) else multiplier
+        multiplier = self.materialize(multiplier)
         b = self.batch_axis(out)
         padded = (1,) * (len(out_shape) - len(in_shape)) + tuple(in_shape)
         axes = [i for i, (o, s) in enumerate(zip(out_shape, padded)) if s == 1 and o != 1 and i != b]
-        summed = self.emit.reduce("ReduceSum", multiplier, axes, keepdims=True)
+        summed = self.build.reduce("ReduceSum", multiplier, axes, keepdims=True)
         if len(padded) == len(in_shape):
             return summed
-        target = [-1 if i == self.batch_axis(into) else d for i, d in enumerate(in_shape)]
-        return self.emit.reshape(summed, target)
+        return self.build.reshape(summed, [-1 if i == self.batch_axis(into) else d for i, d in enumerate(in_shape)])
 
-    def pair_count_shape(self, like: ir.Value) -> ir.Value:
-        """1-D int64 tensor: ``like``'s P-form shape (for building zeros)."""
-        key = ("pshape", like.name)
-        if key not in self._cache:
-            b, shape = self.batch_axis(like), self.shape(like)
-            rows = self.emit.op("Mul", [self.emit.op("Shape", [like], {"start": b, "end": b + 1}),
-                                        self.emit.ints([self.m * self.k])])
-            parts = [self.emit.ints(shape[:b]), rows, self.emit.ints(shape[b + 1 :])]
-            self._cache[key] = self.emit.op("Concat", [p for p in parts], {"axis": 0})
-        return self._cache[key]
+    def pair_rows(self) -> ir.Value:
+        """1-D int64: ``[n·m·k]``, the number of P-form rows."""
+        return self._cached(("rows",), lambda: self.build.op(
+            "Mul", [self.build.op("Mul", [self.sizes.n, self.sizes.m]), self.sizes.k], hint="pair_rows"))
 
     def zeros(self, like: ir.Value) -> ir.Value:
         """A P-form zero multiplier for ``like``."""
-        zero = self.emit.const(np.zeros(1, dtype=np.float32), "zero")
-        return self.emit.op("Expand", [zero, self.pair_count_shape(like)])
+        b, shape = self.batch_axis(like), self.shape(like)
+        target = self.build.concat([self.build.ints(shape[:b]), self.pair_rows(), self.build.ints(shape[b + 1:])], 0)
+        return self.build.op("Expand", [self.build.const(np.zeros(1, np.float32), "zero"), target])
+
+    def onehot(self, index: ir.Value, depth: int, axis: int = -1) -> ir.Value:
+        """Float32 one-hot of an int64 ``index`` tensor with ``depth`` classes along ``axis``."""
+        values = self.build.const(np.array([0, 1], np.float32), "onehot")
+        return self.build.op("OneHot", [index, self.build.ints([depth]), values], {"axis": axis})

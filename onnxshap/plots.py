@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from onnxshap.errors import InputDataError
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -58,7 +60,7 @@ def image_plot(
         The matplotlib Figure.
 
     Raises:
-        ValueError: the shapes of values and images do not fit together, or the channel axis is unclear.
+        InputDataError: the shapes of values and images do not fit together, or the channel axis is unclear.
     """
     mpl = _matplotlib()
     images = np.asarray(images, dtype=np.float64)
@@ -115,12 +117,12 @@ def timeseries_heatmap(
         The matplotlib Figure.
 
     Raises:
-        ValueError: values has a shape other than those above, or the label counts do not match.
+        InputDataError: values has a shape other than those above, or the label counts do not match.
     """
     mpl = _matplotlib()
     values = _squeeze_output_axis(_values_array(values), keep=3, name="timeseries_heatmap")
     if values.ndim not in (2, 3):
-        raise ValueError(f"timeseries_heatmap needs values of shape (n, T, V) or (T, V); got {values.shape}")
+        raise InputDataError(f"timeseries_heatmap needs values of shape (n, T, V) or (T, V); got {values.shape}")
     signed = values.ndim == 2
     grid = (values if signed else np.abs(values).mean(axis=0)).T  # (V, T)
     n_vars, n_steps = grid.shape
@@ -176,12 +178,12 @@ def importance_bar(
         The matplotlib Figure.
 
     Raises:
-        ValueError: the array is empty or the name count does not match.
+        InputDataError: the array is empty or the name count does not match.
     """
     mpl = _matplotlib()
     data = _values_array(values_or_importance)
     if data.size == 0 or data.ndim == 0:
-        raise ValueError(f"importance_bar needs a non-empty array; got shape {data.shape}")
+        raise InputDataError(f"importance_bar needs a non-empty array; got shape {data.shape}")
     importance = _importance(data)
     labels = _names(names, importance.size, "x", sep="")
     order = np.argsort(-importance, kind="stable")
@@ -241,7 +243,7 @@ def _squeeze_output_axis(values: np.ndarray, keep: int, name: str) -> np.ndarray
     """Drop a trailing output axis of size 1 from arrays with more than ``keep`` axes."""
     if values.ndim > keep:
         if values.shape[-1] != 1:
-            raise ValueError(
+            raise InputDataError(
                 f"{name} draws one output; values has shape {values.shape} with {values.shape[-1]} outputs "
                 "on the last axis: pass values[..., j] for output j"
             )
@@ -254,7 +256,7 @@ def _names(names: Sequence[str] | None, count: int, prefix: str, sep: str = " ")
         return [f"{prefix}{sep}{i}" for i in range(count)]
     names = [str(n) for n in names]
     if len(names) != count:
-        raise ValueError(f"got {len(names)} name(s) for {count} item(s): {names}")
+        raise InputDataError(f"got {len(names)} name(s) for {count} item(s): {names}")
     return names
 
 
@@ -279,7 +281,7 @@ def _image_values(values: Any, image_shape: tuple[int, ...]) -> np.ndarray:
     if values.shape == image_shape:
         values = values[..., None]
     if values.shape[:-1] != image_shape:
-        raise ValueError(
+        raise InputDataError(
             f"image_plot: values of shape {values.shape} do not fit images of shape {image_shape}; "
             "expected (n, *image_shape, k) or (n, *image_shape)"
         )
@@ -297,7 +299,7 @@ def _image_layout(shape: tuple[int, ...]) -> str:
             return "NHWC"
         if shape[1] in (1, 3):
             return "NCHW"
-    raise ValueError(
+    raise InputDataError(
         f"image_plot needs images (n, C, H, W), (n, H, W, C) with C = 1 or 3, or (n, H, W); got {shape}"
     )
 

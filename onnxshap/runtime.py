@@ -1,8 +1,13 @@
-"""ONNX Runtime: provider choice, the IR version the runtime reads, and sessions.
+"""ONNX Runtime: the one place that makes sessions, runs them and turns their failures into onnxshap errors.
 
-``device="auto"`` takes CUDA only when its provider really loads in a session (onnxruntime-gpu lists
-``CUDAExecutionProvider`` as available even on machines without a GPU or CUDA libraries); the probe runs with
-ONNX Runtime's logging silenced so CPU-only machines see no error spew.
+- :func:`providers_for` picks execution providers. ``device="auto"`` takes CUDA only when its provider really
+  loads in a session (onnxruntime-gpu lists ``CUDAExecutionProvider`` even on machines without a GPU); the
+  check runs with ONNX Runtime's logging silenced so CPU-only machines see no error spew.
+- :func:`to_proto` serializes a model with an IR version the installed runtime reads.
+- :func:`make_session` builds a session in one of two modes: ``"explain"`` (every graph optimisation, the
+  thread pool) for the work, ``"probe"`` (no optimisation, one thread) for small probing runs where session
+  set-up dominates.
+- :func:`run` and :func:`evaluate` run sessions; every failure becomes one :class:`OnnxRuntimeError` line.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ import os
 import warnings
 from importlib import metadata
 
+import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_ir as ir
 
-from onnxshap.errors import OnnxShapError
+from onnxshap.errors import OnnxRuntimeError, UsageError, first_line
 
 DEVICES = ("auto", "cpu", "cuda")
+CPU = ["CPUExecutionProvider"]
 
 
 def warn_if_both_runtimes_installed() -> None:
@@ -54,9 +62,19 @@ def _tiny_model(ir_version: int) -> bytes:
     return model.SerializeToString()
 
 
-def _quiet_options():
-    options = _ort().SessionOptions()
-    options.log_severity_level = 4
+def _options(mode: str):
+    ort = _ort()
+    options = ort.SessionOptions()
+    if mode == "explain":
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = int(os.environ.get("ONNXSHAP_THREADS", "0"))
+        if threads:
+            options.intra_op_num_threads = threads
+    else:  # probe: small batches, where thread-pool start-up and optimisation cost more than they save
+        options.log_severity_level = 4
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = 1
     return options
 
 
@@ -66,7 +84,7 @@ def runtime_ir_version() -> int:
     ort = _ort()
     for version in range(onnx.IR_VERSION, 6, -1):
         try:
-            ort.InferenceSession(_tiny_model(version), _quiet_options(), providers=["CPUExecutionProvider"])
+            ort.InferenceSession(_tiny_model(version), _options("probe"), providers=CPU)
         except Exception:  # noqa: BLE001, S112 - any refusal means "not this version"
             continue
         return version
@@ -81,11 +99,8 @@ def cuda_usable() -> bool:
         return False
     ort.set_default_logger_severity(4)  # the provider bridge logs load failures on the global logger
     try:
-        session = ort.InferenceSession(
-            _tiny_model(runtime_ir_version()),
-            _quiet_options(),
-            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-        )
+        session = ort.InferenceSession(_tiny_model(runtime_ir_version()), _options("probe"),
+                                       providers=["CUDAExecutionProvider", *CPU])
         return "CUDAExecutionProvider" in session.get_providers()
     except Exception:  # noqa: BLE001
         return False
@@ -96,31 +111,78 @@ def cuda_usable() -> bool:
 def providers_for(device: str) -> list[str]:
     """Execution providers for ``device`` in ``auto|cpu|cuda``."""
     if device not in DEVICES:
-        raise OnnxShapError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+        raise UsageError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
     if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if not cuda_usable():
-            raise OnnxShapError(
-                "device 'cuda' requested but ONNX Runtime's CUDA provider does not load here "
-                "(no GPU, or CUDA/cuDNN libraries missing); use --device cpu or auto"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable() else ["CPUExecutionProvider"]
+        return list(CPU)
+    if device == "cuda" and not cuda_usable():
+        raise UsageError("device 'cuda' requested but ONNX Runtime's CUDA provider does not load here "
+                         "(no GPU, or CUDA/cuDNN libraries missing); use --device cpu or auto")
+    return ["CUDAExecutionProvider", *CPU] if cuda_usable() else list(CPU)
 
 
-def make_session(model: onnx.ModelProto | bytes, providers: list[str], threads: int | None = None):
-    """An InferenceSession with full graph optimisation and quiet logging."""
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    threads = threads or int(os.environ.get("ONNXSHAP_THREADS", "0"))
-    if threads:
-        options.intra_op_num_threads = threads
-    payload = model if isinstance(model, bytes) else model.SerializeToString()
+def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as a ModelProto with an IR version the installed ONNX Runtime reads."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    if proto.ir_version > runtime_ir_version():
+        if not isinstance(model, ir.Model):
+            copy = onnx.ModelProto()
+            copy.CopyFrom(proto)
+            proto = copy
+        proto.ir_version = runtime_ir_version()
+    return proto
+
+
+def make_session(model: ir.Model | onnx.ModelProto | bytes, providers: list[str] | None = None,
+                 mode: str = "explain"):
+    """An InferenceSession for ``model`` in mode ``"explain"`` or ``"probe"`` (see the module docstring).
+
+    Raises:
+        OnnxRuntimeError: ONNX Runtime refused the model (its first line).
+    """
+    payload = model if isinstance(model, bytes) else to_proto(model).SerializeToString()
     try:
-        return ort.InferenceSession(payload, options, providers=providers)
+        return _ort().InferenceSession(payload, _options(mode), providers=providers or CPU)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxShapError(f"ONNX Runtime refused the model: {first}") from None
+        raise OnnxRuntimeError(f"ONNX Runtime refused the model: {first_line(exc)}") from None
+
+
+def run(session, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run`` with ONNX Runtime's failures turned into one :class:`OnnxRuntimeError` line."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = first_line(exc)
+        hint = " (out of memory? pass a smaller batch_size / --batch-size)" if "alloc" in first.lower() else ""
+        raise OnnxRuntimeError(f"ONNX Runtime failed: {first}{hint}") from None
+
+
+def evaluate(model: ir.Model | onnx.ModelProto, feeds: dict[str, np.ndarray],
+             names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Run ``model`` once in probe mode and return the named tensors (default: every node output).
+
+    Raises:
+        OnnxRuntimeError: ONNX Runtime refused the model or failed while running it.
+    """
+    proto = to_proto(model)
+    proto = _with_outputs(proto, names)
+    session = make_session(proto, CPU, mode="probe")
+    produced = [o.name for o in session.get_outputs()]
+    wanted = produced if names is None else [n for n in dict.fromkeys(names) if n in set(produced)]
+    values = dict(zip(wanted, run(session, wanted, feeds)))
+    values.update({n: feeds[n] for n in names or () if n in feeds})
+    return values
+
+
+def _with_outputs(proto: onnx.ModelProto, names: list[str] | None) -> onnx.ModelProto:
+    """A copy of ``proto`` whose graph outputs include ``names`` (every node output when None)."""
+    graph_inputs = {i.name for i in proto.graph.input}
+    if names is None:
+        names = [o for node in proto.graph.node for o in node.output if o]
+    existing = {o.name for o in proto.graph.output}
+    wanted = [n for n in dict.fromkeys(names) if n not in existing and n not in graph_inputs]
+    if not wanted:
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted)
+    return copy

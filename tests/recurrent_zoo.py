@@ -292,7 +292,7 @@ def keras_predict(model, x: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _keras_export_bytes(kind: str) -> bytes:
-    from converters import export_keras
+    from onnxshap.converters import export_keras
 
     x, background = data()
     return export_keras(keras_model(kind), np.concatenate([x, background])).SerializeToString()

@@ -136,7 +136,8 @@ def test_unsupported_op_exits_1_naming_the_node(tmp_path, capsys):
 
 
 def test_help_and_usage_errors_as_a_user_sees_them(mlp, tmp_path):
-    shown = subprocess.run(check=False, args=[sys.executable, "-m", "onnxshap.cli", "--help"], capture_output=True, text=True)
+    shown = subprocess.run(check=False, args=[sys.executable, "-m", "onnxshap.cli", "--help"], capture_output=True,
+                           text=True)
     assert shown.returncode == 0 and "exit codes" in shown.stdout and "--background" in shown.stdout
     wrong = subprocess.run(check=False, args=[sys.executable, "-m", "onnxshap.cli", str(mlp), str(tmp_path / "x.npy"),
                             "--batch-size", "zero"], capture_output=True, text=True)

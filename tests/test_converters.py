@@ -13,7 +13,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from converters import _common, export_keras, export_torch
+from onnxshap.converters import _common, export_keras, export_torch
+
 from onnxshap.errors import ExportError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def first_dims(model):
 
 def test_import_loads_no_framework():
     code = (
-        "import sys, converters, onnxshap.errors\n"
+        "import sys, onnxshap.converters, onnxshap.errors\n"
         "heavy = ('torch', 'tensorflow', 'keras', 'tf_keras', 'tf2onnx', 'jax', 'matplotlib')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
@@ -122,7 +123,7 @@ def test_torch_recurrent_export_keeps_lstm_node():
 
 
 def test_torch_auto_uses_torchscript_first_and_falls_back_to_dynamo(monkeypatch):
-    from converters import torch_export
+    from onnxshap.converters import torch_export
 
     net, x = torch_model("mlp")
     calls = []

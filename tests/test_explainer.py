@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxshap
-from onnxshap.lower.probe import model_to_proto
+from onnxshap.runtime import to_proto
 
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -123,10 +123,18 @@ def test_chunk_size_does_not_change_values(data, batch_size):
 
 
 def test_memory_budget_splits_into_chunks(data):
+    """A budget that fits one (sample, reference, output) triple splits all three ways; values do not move."""
+    x, background = data
+    whole = onnxshap.DeepExplainer(_mlp_proto(), background)
+    tiny = onnxshap.DeepExplainer(_mlp_proto(), background, max_memory=whole.augmented.memory(1, 1, 1))
+    np.testing.assert_allclose(tiny.shap_values(x), whole.shap_values(x), rtol=1e-6, atol=1e-7)
+
+
+def test_a_budget_below_one_pair_is_a_clear_error(data):
     x, background = data
     ex = onnxshap.DeepExplainer(_mlp_proto(), background, max_memory=1)
-    np.testing.assert_allclose(ex.shap_values(x), onnxshap.DeepExplainer(_mlp_proto(), background).shap_values(x),
-                               rtol=1e-6, atol=1e-7)
+    with pytest.raises(onnxshap.OnnxShapError, match="memory budget"):
+        ex.shap_values(x)
 
 
 def test_saved_augmented_model_checks_and_runs_anywhere(tmp_path, data):
@@ -135,7 +143,8 @@ def test_saved_augmented_model_checks_and_runs_anywhere(tmp_path, data):
     path = ex.save_augmented(tmp_path / "mlp.deepshap.onnx")
     saved = onnx.load(str(path))
     onnx.checker.check_model(saved, full_check=True)
-    values, prediction = _run(saved, {"x": x, "output_index": np.tile(np.arange(3), (5, 1))})
+    values, prediction = _run(saved, {"x": x, "reference/x": background,
+                                      "output_index": np.tile(np.arange(3), (5, 1))})
     np.testing.assert_allclose(values, ex.shap_values(x), rtol=1e-6, atol=1e-7)
     assert prediction.shape == (5, 3)
 
@@ -203,17 +212,24 @@ def test_background_with_other_feature_count_is_refused():
 def test_lowered_model_serialises_with_runtime_ir_version(data):
     _, background = data
     ex = onnxshap.DeepExplainer(_mlp_proto(), background)
-    proto = model_to_proto(ex.lowered.model)
+    proto = to_proto(ex.lowered.model)
     ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def test_a_lowering_that_changes_the_model_is_refused(monkeypatch, data):
     """Guard against engine bugs: the lowered model must reproduce the original before anything is explained."""
     _, background = data
-    import onnxshap.explainer as explainer_module
+    import onnx_ir as ir
 
-    real_lower = explainer_module.lower
-    monkeypatch.setattr(explainer_module, "lower", lambda proto, examples: real_lower(_mlp_proto(seed=5), examples))
+    import onnxshap.lower as lower_module
+
+    class DoubleTheLastWeight(ir.passes.InPlacePass):  # a lowering pass with a bug
+        def call(self, model):
+            weight = model.graph.initializers["w2"]
+            weight.const_value = ir.tensor(weight.const_value.numpy() * 2)
+            return ir.passes.PassResult(model, modified=True)
+
+    monkeypatch.setattr(lower_module, "UnrollRecurrent", DoubleTheLastWeight)
     with pytest.raises(onnxshap.UnsupportedModelError, match="does not reproduce the original"):
         onnxshap.DeepExplainer(_mlp_proto(), background)
 

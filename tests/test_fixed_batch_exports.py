@@ -13,7 +13,6 @@ import onnxshap
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
-
 from zoo import cached_onnx, mnist_cnn  # noqa: E402
 
 
@@ -48,7 +47,7 @@ def test_batch_one_export_matches_dynamic_export(name, dynamo):
     if name == "cnn":
         module, shape, dynamic = mnist_cnn(), (1, 28, 28), cached_onnx("mnist_cnn")
     else:
-        from converters import export_torch
+        from onnxshap.converters import export_torch
 
         module, shape = Forecaster().eval(), (5, 4)
         dynamic = export_torch(module, np.zeros((2, *shape), np.float32))

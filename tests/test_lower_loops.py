@@ -12,8 +12,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshap.errors import UnsupportedModelError
-from onnxshap.lower.loops import unroll_loops
-from onnxshap.lower.recurrent import unroll_recurrent
+from onnxshap.lower.loops import UnrollLoops
+from onnxshap.lower.recurrent import UnrollRecurrent
+
+
+def _unroll_recurrent(model: ir.Model) -> bool:
+    return UnrollRecurrent()(model).modified
+
+def _unroll_loops(model: ir.Model) -> bool:
+    return UnrollLoops()(model).modified
 
 ALLOWED = {
     "MatMul", "Add", "Sub", "Mul", "Div", "Neg", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "HardSigmoid", "Elu",
@@ -39,8 +46,8 @@ def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 def lower(model: onnx.ModelProto, extra_ops=()) -> onnx.ModelProto:
     m = ir.from_proto(model)
-    assert unroll_loops(m)
-    unroll_recurrent(m)
+    assert _unroll_loops(m)
+    _unroll_recurrent(m)
     out = ir.to_proto(m)
     out.ir_version = 10
     onnx.checker.check_model(out, full_check=True)
@@ -157,7 +164,8 @@ def test_for_loop_without_cond_input():
 
 def test_cond_computed_in_body_stops_early():
     # M = 100 but the body's condition (i + 1 < 3) stops after 3 iterations
-    cond_nodes = [helper.make_node("Add", ["i", "one"], ["i1"]), helper.make_node("Less", ["i1", "limit"], ["cond_out"])]
+    cond_nodes = [helper.make_node("Add", ["i", "one"], ["i1"]),
+                  helper.make_node("Less", ["i1", "limit"], ["cond_out"])]
     body = rnn_body(cond_node=cond_nodes[1], extra_nodes=[cond_nodes[0]],
                     extra_inits=[const("one", np.int64(1)), const("limit", np.int64(3))])
     model, feeds = rnn_loop_model(T=5, body=body, inits=[const("M100", np.int64(100))],
@@ -295,7 +303,7 @@ def test_scan_dynamic_length_refused():
     model, _ = scan_model()
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "time"
     with pytest.raises(UnsupportedModelError, match="scan1.*sequence length of scan input 'x' is not static"):
-        unroll_loops(ir.from_proto(model))
+        _unroll_loops(ir.from_proto(model))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,7 +314,7 @@ def test_dynamic_trip_count_refused():
     vi = helper.make_tensor_value_info
     model, _ = rnn_loop_model(loop_inputs=("n", "cond0", "h0"), extra_graph_inputs=[vi("n", I64, [])])
     with pytest.raises(UnsupportedModelError, match="rnn_loop.*trip count 'n' is not a constant"):
-        unroll_loops(ir.from_proto(model))
+        _unroll_loops(ir.from_proto(model))
 
 
 def test_trip_count_computed_from_data_refused():
@@ -315,7 +323,7 @@ def test_trip_count_computed_from_data_refused():
     model, _ = rnn_loop_model(loop_inputs=("n", "cond0", "h0"), pre_nodes=pre)
     m = ir.from_proto(model)
     with pytest.raises(UnsupportedModelError, match="rnn_loop.*trip count 'n'"):
-        unroll_loops(m)
+        _unroll_loops(m)
     assert len(m.graph.node("max").outputs[0].uses()) == 1  # nothing half-built left behind
     assert {n.op_type for n in m.graph} == {"ReduceMax", "Cast", "Loop"}
 
@@ -328,7 +336,7 @@ def test_data_dependent_condition_refused():
     model, _ = rnn_loop_model(body=body)
     m = ir.from_proto(model)
     with pytest.raises(UnsupportedModelError, match="rnn_loop.*condition 'cond_out' depends on the data"):
-        unroll_loops(m)
+        _unroll_loops(m)
     assert [n.op_type for n in m.graph] == ["Loop"] and len(m.graph.inputs[0].uses()) == 1
 
 
@@ -379,11 +387,11 @@ def test_keras_tf2onnx(keras_env, layer, kwargs, expect):
     assert expect in ops, ops
     m = ir.from_proto(model)
     # tf2onnx writes a constant trip count / constant-computable condition: no folding needed here
-    unroll_loops(m)
+    _unroll_loops(m)
     for node in m.graph:  # the recurrent pass needs X's sequence dim (the probe sets it in the pipeline)
         if node.op_type in ("LSTM", "GRU", "RNN") and not isinstance((node.inputs[0].shape or [None])[0], int):
             node.inputs[0].shape = ir.Shape([T, ir.SymbolicDim("batch"), 3])
-    unroll_recurrent(m)
+    _unroll_recurrent(m)
     out = ir.to_proto(m)
     out.ir_version = 10
     onnx.checker.check_model(out, full_check=True)

@@ -12,7 +12,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxshap.errors import UnsupportedModelError
-from onnxshap.lower.recurrent import unroll_recurrent
+from onnxshap.lower.recurrent import UnrollRecurrent
+
+
+def _unroll_recurrent(model: ir.Model) -> bool:
+    return UnrollRecurrent()(model).modified
 
 ALLOWED = {
     "MatMul", "Add", "Sub", "Mul", "Div", "Neg", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "HardSigmoid", "Elu",
@@ -34,7 +38,7 @@ def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     return sess.run(None, feeds)
 
 
-def lower(model: onnx.ModelProto, passes=(unroll_recurrent,), extra_allowed=()) -> onnx.ModelProto:
+def lower(model: onnx.ModelProto, passes=(_unroll_recurrent,), extra_allowed=()) -> onnx.ModelProto:
     """Run the passes on an ir copy; check the result is valid and uses only allowed ops."""
     m = ir.from_proto(model)
     changed = [p(m) for p in passes]
@@ -60,7 +64,8 @@ def assert_same(original: onnx.ModelProto, lowered: onnx.ModelProto, feeds_list,
             np.testing.assert_allclose(g, w, atol=atol, rtol=atol, err_msg=name)
 
 
-def make_rnn_model(op, *, direction="forward", layout=0, T=4, I=3, H=5, seed=0, peephole=False,
+def make_rnn_model(op, *, direction="forward", layout=0, T=4, I=3, H=5,  # noqa: E741 - the ONNX spec's names
+                   seed=0, peephole=False,
                    init="none", clip=None, input_forget=0, lbr=0, activations=None, alpha=None, beta=None,
                    seq_lens=None, bias=True, opset=17, outputs=None, downstream=False, const_batch=2):
     """One LSTM/GRU/RNN node with random constant weights; returns (model, ORT-runnable reference, feeds)."""
@@ -269,14 +274,14 @@ def test_no_bias_single_step():
 def test_names_and_structure():
     model, _, _ = make_rnn_model("LSTM", T=3)
     m = ir.from_proto(model)
-    unroll_recurrent(m)
+    _unroll_recurrent(m)
     names = [n.name for n in m.graph]
     assert "lstm1/t2/forget_gate" in names and "lstm1/t0/input_gate" in names
     assert len(names) == len(set(names))
     assert [n.op_type for n in m.graph].count("Split") == 1 + 3  # one time split + one gate split per step
     assert [o.name for o in m.graph.outputs] == ["Y", "Y_h", "Y_c"]
     assert not {"W", "R", "B"} & set(m.graph.initializers)  # the original weights are dropped
-    assert not unroll_recurrent(m)  # nothing left to do
+    assert not _unroll_recurrent(m)  # nothing left to do
 
 
 def test_absent_initial_state_is_broadcast_zeros():
@@ -292,13 +297,13 @@ def test_absent_initial_state_is_broadcast_zeros():
 def test_refuses_dynamic_sequence_lens():
     model, _, _ = make_rnn_model("LSTM", seq_lens="input")
     with pytest.raises(UnsupportedModelError, match="lstm1.*per-sample sequence lengths are not supported"):
-        unroll_recurrent(ir.from_proto(model))
+        _unroll_recurrent(ir.from_proto(model))
 
 
 def test_refuses_unequal_sequence_lens():
     model, _, _ = make_rnn_model("GRU", seq_lens=[4, 2])
     with pytest.raises(UnsupportedModelError, match="gru1.*per-sample sequence lengths"):
-        unroll_recurrent(ir.from_proto(model))
+        _unroll_recurrent(ir.from_proto(model))
 
 
 def test_refuses_unknown_sequence_length_and_lists_all_nodes():
@@ -306,7 +311,7 @@ def test_refuses_unknown_sequence_length_and_lists_all_nodes():
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "time"
     model.graph.node.append(helper.make_node("GRU", ["X", "W", "R"], ["Y2"], name="other", hidden_size=5))
     with pytest.raises(UnsupportedModelError) as info:
-        unroll_recurrent(ir.from_proto(model))
+        _unroll_recurrent(ir.from_proto(model))
     msg = str(info.value)
     assert "rnn1" in msg and "'X'" in msg and "not static" in msg and "'other'" in msg
     assert msg.splitlines()[0].startswith("unsupported model: 2 node(s)")
@@ -318,7 +323,7 @@ def test_refuses_non_constant_weights():
     model.graph.initializer.remove(w)
     model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(w.dims)))
     with pytest.raises(UnsupportedModelError, match="rnn1.*weight W"):
-        unroll_recurrent(ir.from_proto(model))
+        _unroll_recurrent(ir.from_proto(model))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,7 +336,7 @@ def _prepare_like_pipeline(model: onnx.ModelProto, x: np.ndarray, seq: int) -> i
     """
     m = ir.from_proto(model)
     try:
-        from onnxshap.lower.fold import fold_batch_invariant
+        from onnxshap.lower.fold import FoldBatchInvariant
         from onnxshap.lower.probe import batch_axis, probe_twice
     except ImportError:
         m = ir.from_proto(onnx.shape_inference.infer_shapes(model, data_prop=True))
@@ -343,7 +348,7 @@ def _prepare_like_pipeline(model: onnx.ModelProto, x: np.ndarray, seq: int) -> i
                     a = probe_a[value.name]
                     axis = batch_axis(a.shape, probe_b[value.name].shape)
                     value.shape = ir.Shape([ir.SymbolicDim("batch") if i == axis else d for i, d in enumerate(a.shape)])
-        fold_batch_invariant(m, probe_a, probe_b)
+        FoldBatchInvariant(probe_a, probe_b)(m)
     for node in m.graph:
         if node.op_type in GATES:
             x_value, layout = node.inputs[0], node.attributes.get_int("layout", 0)
@@ -399,7 +404,7 @@ def test_torch_export(tmp_path, cls, layers, bidirectional, dynamo):
     model.ir_version = 10
     m = _prepare_like_pipeline(model, torch.randn(4, T, 4).numpy(), T)
     had_recurrent = any(n.op_type in GATES for n in m.graph)
-    assert unroll_recurrent(m) == had_recurrent
+    assert _unroll_recurrent(m) == had_recurrent
     out = ir.to_proto(m)
     out.ir_version = 10
     onnx.checker.check_model(out, full_check=True)

@@ -33,11 +33,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
-import recurrent_zoo as rz
+import recurrent_zoo as rz  # noqa: E402
 
-import onnxshap
-from onnxshap import UnsupportedModelError
-from onnxshap.timeseries import perturbation_sensitivity, time_step_importance, variable_importance
+import onnxshap  # noqa: E402
+from onnxshap import UnsupportedModelError  # noqa: E402
+from onnxshap.timeseries import perturbation_sensitivity, time_step_importance, variable_importance  # noqa: E402
 
 ADDITIVITY = 1e-4  # DESIGN.md §5.1, relative to max(1, |Δf|)
 LEGACY_TOLERANCE = 1e-3  # onnxshap vs shap's legacy TF path (measured: ~1e-6)
@@ -195,7 +195,7 @@ def test_hand_written_cell_equals_onnx_recurrent_op(cell, head):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_keras_twin_through_tf2onnx_equals_torch_export(cell):
     require_keras3()
-    from converters import export_keras
+    from onnxshap.converters import export_keras
 
     net = rz.recurrent_net(cell)
     twin = rz.keras_twin(net)
@@ -393,7 +393,7 @@ def test_unsupported_recurrent_variant_is_refused(case):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_torch_module_passed_directly_equals_its_onnx_file(cell, tmp_path):
-    from converters import export_torch
+    from onnxshap.converters import export_torch
 
     net = rz.recurrent_net(cell, layers=2, head="last")
     x, background = rz.data()
@@ -408,7 +408,7 @@ def test_torch_module_passed_directly_equals_its_onnx_file(cell, tmp_path):
 
 def test_keras_relu_lstm_passed_directly_equals_its_onnx_file(tmp_path):
     require_keras3()
-    from converters import export_keras
+    from onnxshap.converters import export_keras
 
     keras_model = rz.keras_model("lstm", activation="relu")
     x, background = rz.data()

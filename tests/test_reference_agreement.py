@@ -227,10 +227,10 @@ def test_matches_captum_deepliftshap(name, exporter):
 
     ``mnist_cnn``: Captum loses additivity (5.6e-2) on the plain model because ReLU feeds MaxPool2d
     directly and its tensor hooks then see the wrong gradient (module docstring, :class:`zoo.NewTensor`);
-    that measured error is printed (:func:`captum_reference`). The comparison runs on ``mnist_cnn(captum_safe=True)`` — the
-    same function and weights with ``x * 1.0`` between the two — where Captum is additive, so the MaxPool
-    cross-max rule is checked against a second implementation too (on the first ``CAPTUM_ROWS`` rows). The reference must be additive to
-    ``REF_ADD_TOL`` in float64 before it is used.
+    that measured error is printed (:func:`captum_reference`). The comparison runs on
+    ``mnist_cnn(captum_safe=True)`` — the same function and weights with ``x * 1.0`` between the two — where
+    Captum is additive, so the MaxPool cross-max rule is checked against a second implementation too (on the
+    first ``CAPTUM_ROWS`` rows). The reference must be additive to ``REF_ADD_TOL`` in float64 before it is used.
     """
     pytest.importorskip("captum")
     values, _ = onnxshap_values(name, exporter)
@@ -252,8 +252,9 @@ def test_softmax_output_additivity(name, exporter):
 
     Only additivity is checked: neither reference is valid for Softmax values (shap rescales it
     elementwise, Captum's rule is not additive; module docstring). Measured: onnxshap's decomposition and
-    shap's elementwise rescale are both additive yet differ by 1.0–1.5 in ``rel_err`` on these models. ``f`` is ONNX Runtime's forward pass of
-    the exported model, and ``E f(R)`` must equal the mean of its outputs on the background. The
+    shap's elementwise rescale are both additive yet differ by 1.0–1.5 in ``rel_err`` on these models. ``f`` is
+    ONNX Runtime's forward pass of the exported model, and ``E f(R)`` must equal the mean of its outputs on the
+    background. The
     Explanation from ``explain`` must carry the same values, and its own per-row additivity report
     must agree with the bound.
     """
@@ -432,13 +433,16 @@ def test_ranked_outputs_bad_order():
 # --------------------------------------------------------------------------------------------------
 
 
-def _feeds(sess, x: np.ndarray, k: int, original_inputs: set[str]) -> dict[str, np.ndarray]:
-    """Inputs for the saved augmented graph (``save_augmented``'s contract: the model's own inputs, plus an
-    int64 ``output_index`` (n, k) choosing the outputs to explain per row; the background is embedded)."""
+def _feeds(sess, x: np.ndarray, bg: np.ndarray, k: int, original_inputs: set[str]) -> dict[str, np.ndarray]:
+    """Inputs for the saved augmented graph (``save_augmented``'s contract: the model's own inputs, the
+    background rows as ``reference/<input>``, and an int64 ``output_index`` (n, k) choosing the outputs to
+    explain per row)."""
     feeds = {}
     for inp in sess.get_inputs():
         if inp.name in original_inputs:
             feeds[inp.name] = x
+        elif inp.name.startswith("reference/") and inp.name.removeprefix("reference/") in original_inputs:
+            feeds[inp.name] = bg
         elif inp.type == "tensor(int64)" and len(inp.shape) == 2:
             feeds[inp.name] = np.tile(np.arange(k, dtype=np.int64), (x.shape[0], 1))
         else:
@@ -463,7 +467,7 @@ def test_saved_augmented_graph(tmp_path, name):
     onnx.checker.check_model(saved, full_check=True)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    outputs = dict(zip(names, sess.run(None, _feeds(sess, x, k, {i.name for i in model.graph.input}))))
+    outputs = dict(zip(names, sess.run(None, _feeds(sess, x, bg, k, {i.name for i in model.graph.input}))))
     for out_name, out in outputs.items():
         if np.issubdtype(out.dtype, np.floating):
             assert np.all(np.isfinite(out)), f"non-finite values in output {out_name}"

@@ -19,7 +19,8 @@ Each spec is run through a few checkers; the explainers of one (spec, seed) are 
 * **bilinear closed form** (``BILINEAR``): ``φ_A = ΔA ⊙ (M_Z·((B_x + B_r)/2)ᵀ)`` and its mirror (DESIGN §3).
 
 Plus: MaxPool against Captum's DeepLift, refusals (one error naming every unsupported node), and a coverage
-check that every rule and every op of ``DERIVATIVES`` has a line in the table.
+check that every entry of the op table has a line in the spec table, and that its rule (or, for the rescale
+family, its derivative) really runs on it.
 
 Tolerances
 ----------
@@ -40,6 +41,7 @@ a wrong small output cannot hide behind a large one): float32 rounding of a few 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -52,8 +54,7 @@ import pytest
 import rule_specs as rs
 
 import onnxshap
-from onnxshap.rules.elementwise import DERIVATIVES
-from onnxshap.rules.registry import supported_ops
+from onnxshap.rules import TABLE, Family
 
 SEEDS = (0, 1, 2)
 N_SAMPLES = 4  # random rows explained against each background
@@ -391,7 +392,7 @@ def test_bilinear_closed_form(name, seed):
         k = int(np.prod(lead, dtype=np.int64)) * p * s
         want_a, want_b = np.zeros((n, *lead, p, q, k)), np.zeros((n, *lead, q, s, k))
         all_ = slice(None)
-        for o, (*idx, i, l) in enumerate(np.ndindex(*lead, p, s)):  # output o = Z[.., i, l]
+        for o, (*idx, i, l) in enumerate(np.ndindex(*lead, p, s)):  # noqa: E741 - Z[i, l] as in DESIGN  # output o = Z[.., i, l]
             at = tuple(idx)
             gain_a = (a_x - a_r)[(all_, all_, *at, i)] * b_mean[(all_, all_, *at, all_, l)]  # (n, m, q)
             gain_b = a_mean[(all_, all_, *at, i)] * (b_x - b_r)[(all_, all_, *at, all_, l)]  # (n, m, q)
@@ -525,14 +526,39 @@ def test_one_error_lists_every_unsupported_node(build, refused):
 # 7. the table covers every rule
 # --------------------------------------------------------------------------------------------------
 
-def test_every_rule_has_a_spec():
-    """Every op type with a registered rule and every op of ``DERIVATIVES`` appears in some spec graph.
+def _swept_entries() -> dict[str, object]:
+    """Table entries the sweep runs: all but the zero family (its outputs are shape plumbing, folded before
+    the sweep, or integers the sweep refuses outside elementwise regions) and the lowered ops."""
+    return {op: e for op, e in TABLE.items() if e.family not in (Family.ZERO, Family.LOWERED)}
 
-    Except the zero family (Shape, Size, ConstantOfShape, Range, ArgMax, ArgMin, NonZero), which passes no
-    multiplier: its outputs are shape plumbing (folded before the sweep) or integers, which the sweep refuses
-    when they reach an explained output outside an elementwise region (concat_cls_token reads a Shape).
-    """
+
+def test_every_rule_has_a_spec():
+    """Every swept entry of the op table appears in some spec graph."""
     covered = {n.op_type for spec in rs.ALL.values() for n in spec.model().graph.node}
-    zero_family = {op for op, family in supported_ops().items() if family == "zero"}
-    wanted = (set(supported_ops()) | set(DERIVATIVES)) - zero_family
-    assert not wanted - covered, f"ops without a spec: {sorted(wanted - covered)}"
+    missing = sorted(set(_swept_entries()) - covered)
+    assert not missing, f"ops without a spec: {missing}"
+
+
+def test_every_rule_runs_on_its_specs(monkeypatch):
+    """Building the augmented graph of every spec calls every swept entry's rule — or, for the rescale family
+    (no node rule), its derivative: an entry that is listed but never runs is caught."""
+    ran: set[str] = set()
+
+    def recording(op: str, function):
+        def wrapper(*args, **kwargs):
+            ran.add(op)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for op, entry in _swept_entries().items():
+        function = "rule" if entry.rule is not None else "derivative"
+        recorded = dataclasses.replace(entry, **{function: recording(op, getattr(entry, function))})
+        monkeypatch.setitem(TABLE, op, recorded)
+    for spec in rs.ALL.values():
+        model = spec.model(np.float32)
+        rng = np.random.default_rng(0)
+        data = {i.name: spec.draw(rng, i.name, (2, *_shape(i))) for i in model.graph.input}
+        names = list(data)
+        assert onnxshap.DeepExplainer(model, feeds(data, names)).augmented.proto.graph.node
+    assert not set(_swept_entries()) - ran, f"entries that never ran: {sorted(set(_swept_entries()) - ran)}"

@@ -1,338 +1,269 @@
-"""Decompose composite ops into primitives the rule table knows.
+"""Decompose composite ops into primitives the rule table knows: one (check, rewrite) pair per op type.
 
 Rewrites (every parameter must be constant, which real exports guarantee after folding):
 
 - ``Gemm(A, B, C)`` → ``MatMul(A', B') · alpha + beta · C`` (A', B' transposed as the flags say).
 - ``BatchNormalization`` (inference) → ``x · s + t`` with ``s = scale / sqrt(var + eps)``, ``t = bias − mean · s``.
-- ``Flatten`` → ``Reshape``; ``Dropout`` (inference) → ``Identity``.
 - ``AveragePool`` → depthwise ``Conv`` with a kernel of ones, times the constant map ``1 / divisor`` (so pads,
   ``count_include_pad`` and ``ceil_mode`` all keep ONNX Runtime's exact divisor).
 - ``GlobalAveragePool`` → ``ReduceMean`` over the spatial axes.
 - ``LayerNormalization`` → ``c = x − mean(x)``, ``v = mean(c·c)``, ``y = c / sqrt(v + eps) · scale + bias``;
   ``InstanceNormalization`` the same over the spatial axes, ``GroupNormalization`` over each group of channels
   (a Reshape to ``(n, G, −1)`` and back), both with per-channel scale and bias.
-- ``auto_pad`` of Conv / ConvTranspose / MaxPool / AveragePool becomes explicit ``pads``.
-- ``Squeeze`` without axes (``torch.squeeze()``) gets the axes it squeezes at the probe batch size: with a batch
-  of one it would squeeze the batch axis too.
+- ``auto_pad`` of Conv / ConvTranspose / MaxPool becomes explicit ``pads`` (the node is edited in place).
+- ``Squeeze`` without axes (``torch.squeeze()``) gets the axes it squeezes: with a batch of one it would
+  squeeze the batch axis too.
 
-After this pass every linear op carries its parameters as constants and the remaining ops each have one rule.
+A rewrite reads the probed shapes written into the graph (``probe.annotate``); the tensor that replaces a
+node's output takes over its name and shape (``graph.edit.replace_output``), so a rewrite may feed another.
+A rewrite whose input has no known shape yet (it was made by another rewrite of the same pass) is deferred;
+the driver probes again and repeats.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxshap.emit import Emitter, const_array, op_attr
-from onnxshap.errors import unsupported_nodes_error
+from onnxshap import runtime
+from onnxshap.errors import Refusals
+from onnxshap.graph.builder import Builder
+from onnxshap.graph.edit import const_array, is_default_domain, is_used, normalize_axis, op_attr, replace_node
+from onnxshap.graph.windows import conv_transpose_pads, window_of
+from onnxshap.lower.probe import static_shape
 
 
-def replace_output(old: ir.Value, new: ir.Value) -> None:
-    """Make ``new`` take over every use of ``old``, graph outputs included (keeping the output's name)."""
-    if old.is_graph_output():
-        name = old.name
-        old.name = f"{name}__replaced"
-        new.name = name
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
+@dataclass(frozen=True)
+class Rewrite:
+    """How to decompose one op type.
 
-
-def decompose_composites(model: ir.Model, shapes: dict[str, tuple[int, ...]], opset: int) -> bool:
-    """Apply every rewrite of this module to ``model.graph`` in place.
-
-    Args:
-        model: the model.
-        shapes: static shape of every tensor by name (from the probe).
-        opset: the default-domain opset.
-
-    Returns:
-        Whether the graph changed.
+    Attributes:
+        check: why this node cannot be rewritten (None when it can).
+        rewrite: the replacement of each output (None for outputs nothing reads), or None when the node was
+            edited in place; called with the input's static shape.
     """
-    graph = model.graph
-    emit = Emitter(graph, opset, prefix="lower")
-    refused = []
-    changed = False
-    for node in list(graph):
-        rewrite = _REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if rewrite is None:
-            continue
-        result = rewrite(emit, node, shapes)
-        if result is None:
-            refused.append(node)
-            continue
-        if result is _KEEP:
-            continue
-        for old, new in zip(node.outputs, result):
-            if new is not None:
-                replace_output(old, new)
-        graph.remove(node, safe=False)
-        changed = True
-    if refused:
-        raise unsupported_nodes_error(
-            refused, "these composite ops cannot be rewritten into primitives (parameters computed from the "
-                     "input, BatchNormalization in training mode, an optional output that is used, or "
-                     "ConvTranspose auto_pad SAME with a kernel smaller than its stride)")
-    graph.sort()
-    return changed
+
+    check: Callable[[ir.Node], str | None]
+    rewrite: Callable[[Builder, ir.Node, tuple], list[ir.Value | None] | None]
 
 
-_KEEP = object()
+def _always(node: ir.Node) -> str | None:
+    return None
 
 
-def _gemm(emit: Emitter, node: ir.Node, shapes):
-    a, b = node.inputs[0], node.inputs[1]
+def _constant_parameters(node: ir.Node) -> str | None:
+    if any(const_array(v) is None for v in node.inputs[1:] if v is not None):
+        return "its parameters are computed from the input"
+    return None
+
+
+def _only_first_output_used(node: ir.Node) -> str | None:
+    if any(is_used(out) for out in node.outputs[1:]):
+        return "an optional output (mean, inverse std dev, mask) is used"
+    return None
+
+
+class DecomposeComposites(ir.passes.InPlacePass):
+    """Apply every rewrite of :data:`REWRITES` whose input shape is known; refuse what cannot be rewritten.
+
+    After a call, ``deferred`` counts the nodes left for a later call (their input shape was not known).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deferred = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        builder = Builder(graph, "lower")
+        refusals = Refusals()
+        changed, self.deferred = False, 0
+        for node in list(graph):
+            entry = REWRITES.get(node.op_type) if is_default_domain(node) else None
+            if entry is None:
+                continue
+            shape = static_shape(node.inputs[0])
+            if shape is None:
+                self.deferred += 1
+                continue
+            reason = entry.check(node)
+            if reason:
+                refusals.add(node, f"cannot be rewritten into primitive ops: {reason}")
+                continue
+            outputs = entry.rewrite(builder, node, shape)
+            if outputs is not None:
+                replace_node(node, {i: v for i, v in enumerate(outputs) if v is not None})
+            changed = True
+        refusals.raise_if_any()
+        if changed:
+            graph.sort()
+        return ir.passes.PassResult(model, modified=changed)
+
+
+def _gemm(b: Builder, node: ir.Node, shape: tuple):
+    a, weight = node.inputs[0], node.inputs[1]
     c = node.inputs[2] if len(node.inputs) > 2 else None
     alpha, beta = op_attr(node, "alpha", 1.0), op_attr(node, "beta", 1.0)
     if op_attr(node, "transA", 0):
-        a = emit.transpose(a, [1, 0])
-    b_const = const_array(b)
+        a = b.transpose(a, [1, 0])
+    w = const_array(weight)
     if op_attr(node, "transB", 0):
-        b = emit.const(np.ascontiguousarray(b_const.T), "gemm_weight") if b_const is not None else (
-            emit.transpose(b, [1, 0]))
-    y = emit.op("MatMul", [a, b])
+        weight = b.const(np.ascontiguousarray(w.T), "gemm_weight") if w is not None else b.transpose(weight, [1, 0])
+    y = b.op("MatMul", [a, weight])
     if alpha != 1.0:
-        y = emit.op("Mul", [y, emit.scalar(alpha)])
+        y = b.op("Mul", [y, b.scalar(alpha)])
     if c is not None:
         c_const = const_array(c)
-        bias = emit.const((beta * c_const).astype(np.float32), "gemm_bias") if c_const is not None else (
-            emit.op("Mul", [c, emit.scalar(beta)]) if beta != 1.0 else c)
-        y = emit.op("Add", [y, bias])
+        bias = b.const((beta * c_const).astype(np.float32), "gemm_bias") if c_const is not None else (
+            b.op("Mul", [c, b.scalar(beta)]) if beta != 1.0 else c)
+        y = b.op("Add", [y, bias])
     return [y]
 
 
-def _batchnorm(emit: Emitter, node: ir.Node, shapes):
+def _batchnorm_check(node: ir.Node) -> str | None:
+    if op_attr(node, "training_mode", 0):
+        return "BatchNormalization in training mode"
+    return _constant_parameters(node) or _only_first_output_used(node)
+
+
+def _batchnorm(b: Builder, node: ir.Node, shape: tuple):
     scale, bias, mean, var = (const_array(v) for v in node.inputs[1:5])
-    if any(p is None for p in (scale, bias, mean, var)) or op_attr(node, "training_mode", 0):
-        return None
-    eps = op_attr(node, "epsilon", 1e-5)
-    s = scale / np.sqrt(var + eps)
+    s = scale / np.sqrt(var + op_attr(node, "epsilon", 1e-5))
     t = bias - mean * s
-    rank = len(shapes[node.inputs[0].name])
-    param_shape = (-1,) + (1,) * (rank - 2)
-    x = node.inputs[0]
-    y = emit.op("Mul", [x, emit.const(s.reshape(param_shape).astype(np.float32), "bn_scale")])
-    y = emit.op("Add", [y, emit.const(t.reshape(param_shape).astype(np.float32), "bn_shift")])
-    return [y] + [None] * (len(node.outputs) - 1)
+    param_shape = (-1,) + (1,) * (len(shape) - 2)
+    y = b.op("Mul", [node.inputs[0], b.const(s.reshape(param_shape).astype(np.float32), "bn_scale")])
+    return [b.op("Add", [y, b.const(t.reshape(param_shape).astype(np.float32), "bn_shift")])]
 
 
-def _flatten(emit: Emitter, node: ir.Node, shapes):
-    shape = shapes[node.inputs[0].name]
-    axis = op_attr(node, "axis", 1)
-    axis = axis + len(shape) if axis < 0 else axis
-    if axis == 0:
-        return [emit.reshape(node.inputs[0], [1, -1])]
-    return [emit.reshape(node.inputs[0], [-1, int(np.prod(shape[axis:], dtype=np.int64))])]
+def _global_average_pool(b: Builder, node: ir.Node, shape: tuple):
+    return [b.reduce("ReduceMean", node.inputs[0], list(range(2, len(shape))), keepdims=True)]
 
 
-def _dropout(emit: Emitter, node: ir.Node, shapes):
-    if len(node.outputs) > 1 and node.outputs[1].uses():
+def _resolve_auto_pad(b: Builder, node: ir.Node, shape: tuple):
+    if op_attr(node, "auto_pad", "NOTSET") in ("NOTSET", ""):
         return None
-    return [emit.op("Identity", [node.inputs[0]])] + [None] * (len(node.outputs) - 1)
-
-
-def _global_average_pool(emit: Emitter, node: ir.Node, shapes):
-    rank = len(shapes[node.inputs[0].name])
-    return [emit.reduce("ReduceMean", node.inputs[0], list(range(2, rank)), keepdims=True)]
-
-
-def explicit_pads(node: ir.Node, in_shape, kernel, strides, dilations) -> list[int]:
-    """The node's ``pads`` with ``auto_pad`` resolved for input spatial shape ``in_shape``."""
-    spatial = len(kernel)
-    auto_pad = op_attr(node, "auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    if auto_pad in ("NOTSET", ""):
-        return list(op_attr(node, "pads", [0] * (2 * spatial)))
-    if auto_pad == "VALID":
-        return [0] * (2 * spatial)
-    begins, ends = [], []
-    for size, k, s, d in zip(in_shape, kernel, strides, dilations):
-        out = math.ceil(size / s)
-        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-        small, large = total // 2, total - total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else large)
-        ends.append(large if auto_pad == "SAME_UPPER" else small)
-    return begins + ends
-
-
-def _window_params(node: ir.Node, shapes, kernel):
-    spatial = len(kernel)
-    strides = list(op_attr(node, "strides", [1] * spatial))
-    dilations = list(op_attr(node, "dilations", [1] * spatial))
-    in_shape = shapes[node.inputs[0].name][2:]
-    return strides, dilations, explicit_pads(node, in_shape, kernel, strides, dilations)
-
-
-def _resolve_auto_pad(emit: Emitter, node: ir.Node, shapes):
-    if op_attr(node, "auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", ""):
-        return _KEEP
     weight = const_array(node.inputs[1]) if node.op_type in ("Conv", "ConvTranspose") else None
     kernel = list(op_attr(node, "kernel_shape", [])) or list(weight.shape[2:])
     if node.op_type == "ConvTranspose":
-        if op_attr(node, "output_shape") is not None:
-            return _KEEP  # the rule refuses it, by name
-        pads = _conv_transpose_pads(node, shapes[node.inputs[0].name][2:], kernel)
-        if pads is None:
-            return None
+        pads = conv_transpose_pads(node, shape[2:], kernel)
     else:
-        _, _, pads = _window_params(node, shapes, kernel)
+        pads = window_of(node, shape[2:], kernel).pads
     node.attributes.pop("auto_pad")
     node.attributes["pads"] = ir.AttrInt64s("pads", pads)
-    return _KEEP
+    return None
 
 
-def _conv_transpose_pads(node: ir.Node, in_shape, kernel) -> list[int] | None:
-    """ConvTranspose's ``auto_pad`` as explicit pads (ONNX spec): SAME makes the output ``in · stride`` and
-    splits ``total = stride·(in − 1) + output_padding + (k − 1)·dilation + 1 − in·stride`` with the odd one
-    at the end (SAME_UPPER) or the beginning (SAME_LOWER); None where the total is negative."""
-    spatial = len(kernel)
-    auto_pad = op_attr(node, "auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad == "VALID":
-        return [0] * (2 * spatial)
-    strides = list(op_attr(node, "strides", [1] * spatial))
-    dilations = list(op_attr(node, "dilations", [1] * spatial))
-    output_padding = list(op_attr(node, "output_padding", [0] * spatial))
-    begins, ends = [], []
-    for size, k, s, d, extra in zip(in_shape, kernel, strides, dilations, output_padding):
-        total = s * (size - 1) + extra + (k - 1) * d + 1 - size * s
-        if total < 0:
-            return None
-        small, large = total // 2, total - total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else large)
-        ends.append(large if auto_pad == "SAME_UPPER" else small)
-    return begins + ends
+def _auto_pad_check(node: ir.Node) -> str | None:
+    if node.op_type != "ConvTranspose" or op_attr(node, "auto_pad", "NOTSET") in ("NOTSET", "", "VALID"):
+        return None
+    if op_attr(node, "output_shape") is not None:
+        return None  # the ConvTranspose rule refuses it, by name
+    kernel = list(op_attr(node, "kernel_shape", []))
+    weight = const_array(node.inputs[1])
+    if not kernel and weight is not None:
+        kernel = list(weight.shape[2:])
+    if not kernel or conv_transpose_pads(node, static_shape(node.inputs[0])[2:], kernel) is None:
+        return "ConvTranspose auto_pad SAME with a kernel smaller than its stride"
+    return None
 
 
-def _average_pool(emit: Emitter, node: ir.Node, shapes):
-    x = node.inputs[0]
-    shape = shapes[x.name]
-    channels = shape[1]
-    kernel = list(op_attr(node, "kernel_shape"))
-    strides, dilations, pads = _window_params(node, shapes, kernel)
-    ceil_mode = op_attr(node, "ceil_mode", 0)
-    out_spatial = shapes[node.outputs[0].name][2:]
-    # Conv has no ceil_mode: extend the end pads until it yields the pool's output size.
-    ends = list(pads[len(kernel):])
-    for i, (size, k, s, d) in enumerate(zip(shape[2:], kernel, strides, dilations)):
-        while (size + pads[i] + ends[i] - d * (k - 1) - 1) // s + 1 < out_spatial[i]:
-            ends[i] += 1
-    conv_pads = list(pads[: len(kernel)]) + ends
-    ones = np.ones((channels, 1, *kernel), dtype=np.float32)
-    window_sum = emit.op(
-        "Conv", [x, emit.const(ones, "avgpool_ones")],
-        {"group": channels, "strides": strides, "pads": conv_pads, "dilations": dilations},
-    )
-    scale = _average_pool_scale(node, shape, kernel, strides, pads, dilations, ceil_mode, conv_pads)
-    return [emit.op("Mul", [window_sum, emit.const(scale, "avgpool_scale")])]
+def _average_pool(b: Builder, node: ir.Node, shape: tuple):
+    out_spatial = static_shape(node.outputs[0])[2:]
+    window = window_of(node, shape[2:])
+    conv_window = window.with_ceil_mode(shape[2:], out_spatial)  # Conv has no ceil_mode
+    ones = np.ones((shape[1], 1, *window.kernel), dtype=np.float32)
+    window_sum = b.op("Conv", [node.inputs[0], b.const(ones, "avgpool_ones")],
+                      {"group": shape[1], "strides": window.strides, "pads": conv_window.pads,
+                       "dilations": window.dilations})
+    scale = _average_pool_scale(node, shape, window, conv_window)
+    return [b.op("Mul", [window_sum, b.const(scale, "avgpool_scale")])]
 
 
-def _average_pool_scale(node, shape, kernel, strides, pads, dilations, ceil_mode, conv_pads) -> np.ndarray:
+def _average_pool_scale(node: ir.Node, shape: tuple, window, conv_window) -> np.ndarray:
     """``1 / divisor`` per output position, measured with ONNX Runtime on an all-ones input."""
-    import onnx
-    import onnx.helper as oh
-
-    from onnxshap.lower.probe import run_values
-
     one = np.ones((1, 1, *shape[2:]), dtype=np.float32)
-    attrs = {"kernel_shape": kernel, "strides": strides, "pads": list(pads), "ceil_mode": int(ceil_mode),
+    graph = ir.Graph([ir.Value(name="x", shape=ir.Shape(one.shape), type=ir.TensorType(ir.DataType.FLOAT))],
+                     [], nodes=[], opset_imports={"": 19})
+    b = Builder(graph, "divisor")
+    attrs = {"kernel_shape": window.kernel, "strides": window.strides, "pads": window.pads,
+             "ceil_mode": int(op_attr(node, "ceil_mode", 0)),
              "count_include_pad": int(op_attr(node, "count_include_pad", 0))}
-    if any(d != 1 for d in dilations):
-        attrs["dilations"] = dilations
-    pool = oh.make_node("AveragePool", ["x"], ["avg"], **attrs)
-    conv = oh.make_node("Conv", ["x", "w"], ["sum"], strides=strides, pads=conv_pads, dilations=dilations)
-    weight = oh.make_tensor("w", onnx.TensorProto.FLOAT, [1, 1, *kernel], np.ones(int(np.prod(kernel))))
-    graph = oh.make_graph(
-        [pool, conv], "avgpool_divisor",
-        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, one.shape)],
-        [oh.make_tensor_value_info("avg", onnx.TensorProto.FLOAT, None),
-         oh.make_tensor_value_info("sum", onnx.TensorProto.FLOAT, None)],
-        initializer=[weight],
-    )
-    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 19)])
-    proto.ir_version = 9
-    values = run_values(proto, {"x": one}, [])
+    if any(d != 1 for d in window.dilations):
+        attrs["dilations"] = window.dilations
+    average = b.op("AveragePool", [graph.inputs[0]], attrs)
+    total = b.op("Conv", [graph.inputs[0], b.const(np.ones((1, 1, *window.kernel), np.float32))],
+                 {"strides": window.strides, "pads": conv_window.pads, "dilations": window.dilations})
+    graph.outputs.extend([average, total])
+    values = runtime.evaluate(ir.Model(graph, ir_version=9), {"x": one}, [average.name, total.name])
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(values["sum"] > 0, values["avg"] / values["sum"], 0.0)
+        scale = np.where(values[total.name] > 0, values[average.name] / values[total.name], 0.0)
     return scale[0].astype(np.float32)  # (1, *out_spatial) broadcasts over batch and channels
 
 
-def _normalise(emit: Emitter, x: ir.Value, axes: list[int], eps: float) -> ir.Value:
+def _normalise(b: Builder, x: ir.Value, axes: list[int], eps: float) -> ir.Value:
     """``(x − mean(x)) / sqrt(mean((x − mean(x))²) + eps)`` over ``axes``."""
-    centred = emit.op("Sub", [x, emit.reduce("ReduceMean", x, axes)], hint="norm_centred")
-    variance = emit.reduce("ReduceMean", emit.op("Mul", [centred, centred]), axes)
-    std = emit.op("Sqrt", [emit.op("Add", [variance, emit.scalar(eps)])], hint="norm_std")
-    return emit.op("Div", [centred, std], hint="norm_normalised")
+    centred = b.op("Sub", [x, b.reduce("ReduceMean", x, axes)], hint="norm_centred")
+    variance = b.reduce("ReduceMean", b.op("Mul", [centred, centred]), axes)
+    std = b.op("Sqrt", [b.op("Add", [variance, b.scalar(eps)])], hint="norm_std")
+    return b.op("Div", [centred, std], hint="norm_normalised")
 
 
-def _affine(emit: Emitter, y: ir.Value, scale: ir.Value | None, bias: ir.Value | None, shape) -> ir.Value:
-    """``y · scale + bias`` with the parameters reshaped to ``shape`` (None: as they are)."""
+def _affine(b: Builder, y: ir.Value, scale: ir.Value | None, bias: ir.Value | None, shape) -> ir.Value:
+    """``y · scale + bias`` with constant parameters reshaped to ``shape`` (None: as they are)."""
     for param, op in ((scale, "Mul"), (bias, "Add")):
-        if param is None:
-            continue
-        if shape is not None:
-            value = const_array(param)
-            param = (emit.const(value.reshape(shape), "norm_param") if value is not None
-                     else emit.reshape(param, list(shape)))
-        y = emit.op(op, [y, param])
+        if param is not None:
+            if shape is not None:
+                param = b.const(const_array(param).reshape(shape), "norm_param")
+            y = b.op(op, [y, param])
     return y
 
 
-def _layer_norm(emit: Emitter, node: ir.Node, shapes):
-    if any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
-        return None
-    x = node.inputs[0]
-    rank = len(shapes[x.name])
-    axis = op_attr(node, "axis", -1)
-    axis = axis + rank if axis < 0 else axis
-    y = _normalise(emit, x, list(range(axis, rank)), op_attr(node, "epsilon", 1e-5))
+def _layer_norm(b: Builder, node: ir.Node, shape: tuple):
+    axis = normalize_axis(op_attr(node, "axis", -1), len(shape))
+    y = _normalise(b, node.inputs[0], list(range(axis, len(shape))), op_attr(node, "epsilon", 1e-5))
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    return [_affine(emit, y, node.inputs[1], bias, None)] + [None] * (len(node.outputs) - 1)
+    return [_affine(b, y, node.inputs[1], bias, None)]
 
 
-def _instance_norm(emit: Emitter, node: ir.Node, shapes):
+def _instance_norm(b: Builder, node: ir.Node, shape: tuple):
     """Normalise each (row, channel) over the spatial axes; scale and bias per channel."""
     x, scale, bias = node.inputs[:3]
-    rank = len(shapes[x.name])
-    y = _normalise(emit, x, list(range(2, rank)), op_attr(node, "epsilon", 1e-5))
-    return [_affine(emit, y, scale, bias, (-1,) + (1,) * (rank - 2))]
+    y = _normalise(b, x, list(range(2, len(shape))), op_attr(node, "epsilon", 1e-5))
+    return [_affine(b, y, scale, bias, (-1,) + (1,) * (len(shape) - 2))]
 
 
-def _group_norm(emit: Emitter, node: ir.Node, shapes):
+def _group_norm(b: Builder, node: ir.Node, shape: tuple):
     """Normalise each (row, group of C/G channels) over those channels and the spatial axes; scale and bias
     per channel (opset 21; the per-group form of opset 18 is deprecated and refused by the ONNX checker)."""
     x, scale, bias = node.inputs[:3]
-    shape = shapes[x.name]
-    channels, groups = shape[1], int(op_attr(node, "num_groups"))
-    grouped = emit.reshape(x, [0, groups, -1])
-    y = emit.reshape(_normalise(emit, grouped, [2], op_attr(node, "epsilon", 1e-5)), [0, *shape[1:]])
-    return [_affine(emit, y, scale, bias, (channels,) + (1,) * (len(shape) - 2))]
+    grouped = b.reshape(x, [0, int(op_attr(node, "num_groups")), -1])
+    y = b.reshape(_normalise(b, grouped, [2], op_attr(node, "epsilon", 1e-5)), [0, *shape[1:]])
+    return [_affine(b, y, scale, bias, (shape[1],) + (1,) * (len(shape) - 2))]
 
 
-def _squeeze(emit: Emitter, node: ir.Node, shapes):
+def _squeeze(b: Builder, node: ir.Node, shape: tuple):
     if len(node.inputs) > 1 and node.inputs[1] is not None or op_attr(node, "axes") is not None:
-        return _KEEP
-    x = node.inputs[0]
-    # shapes are probed with a batch > 1, except a graph input's (the background's rows, maybe one), whose
-    # batch axis is 0 by contract
-    axes = [i for i, d in enumerate(shapes[x.name]) if d == 1 and not (i == 0 and x.is_graph_input())]
-    return [emit.op("Squeeze", [x, emit.ints(axes)])]
+        return None
+    return [b.squeeze(node.inputs[0], [i for i, d in enumerate(shape) if d == 1])]  # the batch dim is None
 
 
-_REWRITES = {
-    "Gemm": _gemm,
-    "BatchNormalization": _batchnorm,
-    "Flatten": _flatten,
-    "Dropout": _dropout,
-    "GlobalAveragePool": _global_average_pool,
-    "AveragePool": _average_pool,
-    "LayerNormalization": _layer_norm,
-    "InstanceNormalization": _instance_norm,
-    "GroupNormalization": _group_norm,
-    "Conv": _resolve_auto_pad,
-    "ConvTranspose": _resolve_auto_pad,
-    "MaxPool": _resolve_auto_pad,
-    "Squeeze": _squeeze,
+def _constant_normalisation(node: ir.Node) -> str | None:
+    return _constant_parameters(node) or _only_first_output_used(node)
+
+
+REWRITES: dict[str, Rewrite] = {
+    "Gemm": Rewrite(_always, _gemm),
+    "BatchNormalization": Rewrite(_batchnorm_check, _batchnorm),
+    "GlobalAveragePool": Rewrite(_always, _global_average_pool),
+    "AveragePool": Rewrite(_always, _average_pool),
+    "LayerNormalization": Rewrite(_only_first_output_used, _layer_norm),
+    "InstanceNormalization": Rewrite(_constant_normalisation, _instance_norm),
+    "GroupNormalization": Rewrite(_constant_normalisation, _group_norm),
+    "Conv": Rewrite(_always, _resolve_auto_pad),
+    "ConvTranspose": Rewrite(_auto_pad_check, _resolve_auto_pad),
+    "MaxPool": Rewrite(_always, _resolve_auto_pad),
+    "Squeeze": Rewrite(_always, _squeeze),
 }
-REWRITTEN_OPS = frozenset(_REWRITES)

@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxshap.graph.edit import is_default_domain, remove_dead_nodes
+from onnxshap.lower.probe import Probe
+
 SHAPE_ONLY_OPS = {"Shape", "Size"}
 
 
@@ -19,7 +22,7 @@ def value_dependent(graph: ir.Graph) -> set[ir.Value]:
     """Tensors reachable from a graph input through edges that carry values (not just shapes)."""
     dependent: set[ir.Value] = set(graph.inputs)
     for node in graph:
-        if node.op_type in SHAPE_ONLY_OPS and node.domain in ("", "ai.onnx"):
+        if node.op_type in SHAPE_ONLY_OPS and is_default_domain(node):
             continue
         reads_outer = any(_subgraph_reads(node, dependent))
         if reads_outer or any(v in dependent for v in node.inputs if v is not None):
@@ -39,51 +42,37 @@ def _subgraph_reads(node: ir.Node, dependent: set[ir.Value]):
                 yield any(v in dependent for v in inner.inputs if v is not None)
 
 
-def fold_batch_invariant(model: ir.Model, probe_a: dict[str, np.ndarray], probe_b: dict[str, np.ndarray]) -> bool:
-    """Replace batch-invariant, value-independent tensors by initializers; drop the dead nodes.
+class FoldBatchInvariant(ir.passes.InPlacePass):
+    """Replace batch-invariant, value-independent tensors by initializers and drop the dead nodes.
 
     Args:
-        model: the model whose main graph is rewritten in place.
-        probe_a, probe_b: every tensor's value at the two probe batch sizes (see ``probe.probe_twice``).
-
-    Returns:
-        Whether anything was folded.
+        probe_a, probe_b: every tensor's value at the two probe batch sizes (``probe.probe_twice``).
     """
-    graph = model.graph
-    dependent = value_dependent(graph)
-    foldable: set[ir.Value] = set()
-    for node in graph:
-        for out in node.outputs:
-            if out in dependent or out.name not in probe_a or out.name not in probe_b:
-                continue
-            a, b = probe_a[out.name], probe_b[out.name]
-            if a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True):
-                foldable.add(out)
-    frontier = [
-        v for v in foldable
-        if v.is_graph_output() or any(user not in _producers(foldable) for user, _ in v.uses())
-    ]
-    for value in frontier:
-        constant = ir.Value(
-            name=f"{value.name}__folded",
-            const_value=ir.tensor(probe_a[value.name]),
-            shape=ir.Shape(probe_a[value.name].shape),
-            type=ir.TensorType(ir.tensor(probe_a[value.name]).dtype),
-        )
-        graph.register_initializer(constant)
-        if value.is_graph_output():
-            continue
-        value.replace_all_uses_with(constant)
-    remove_dead_nodes(model)
-    return bool(frontier)
 
+    def __init__(self, probe_a: Probe, probe_b: Probe) -> None:
+        super().__init__()
+        self.probe_a, self.probe_b = probe_a, probe_b
 
-def _producers(values: set[ir.Value]) -> set[ir.Node]:
-    return {v.producer() for v in values if v.producer() is not None}
-
-
-def remove_dead_nodes(model: ir.Model) -> None:
-    """Remove nodes none of whose outputs is used, and initializers nothing reads."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    RemoveUnusedNodesPass()(model)
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        dependent = value_dependent(graph)
+        foldable: set[ir.Value] = set()
+        for node in graph:
+            for out in node.outputs:
+                if out in dependent or out.name not in self.probe_a or out.name not in self.probe_b:
+                    continue
+                a, b = self.probe_a[out.name], self.probe_b[out.name]
+                if a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True):
+                    foldable.add(out)
+        producers = {v.producer() for v in foldable}
+        frontier = [v for v in foldable
+                    if v.is_graph_output() or any(user not in producers for user, _ in v.uses())]
+        for value in frontier:
+            array = self.probe_a[value.name]
+            constant = ir.Value(name=f"{value.name}__folded", const_value=ir.tensor(array),
+                                shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+            graph.register_initializer(constant)
+            if not value.is_graph_output():
+                value.replace_all_uses_with(constant)
+        remove_dead_nodes(model)
+        return ir.passes.PassResult(model, modified=bool(frontier))

@@ -29,17 +29,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxshap.errors import unsupported_nodes_error
-from onnxshap.lower.recurrent import (
-    GraphEmitter,
-    constant_array,
-    opset_version,
-    remove_dead_inputs,
-    replace_outputs,
-    unique_prefix,
-)
+from onnxshap.errors import Refusals
+from onnxshap.graph.builder import Builder
+from onnxshap.graph.edit import const_array, is_used, opset_of, remove_dead_inputs, replace_node
 
-__all__ = ["unroll_loops"]
+LOOP_OPS = frozenset({"Loop", "Scan"})
 
 _MAX_TRIPS = 100_000
 _NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -71,7 +65,7 @@ class _Folder:
                 a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
             return None
         if node.op_type == "Constant":
-            return [constant_array(node.outputs[0])]
+            return [const_array(node.outputs[0])]
         if node.op_type in _NUMPY and all(a is not None for a in arrays):
             return [np.asarray(_NUMPY[node.op_type](*arrays))]
         if node.op_type == "Cast" and arrays and arrays[0] is not None:
@@ -105,7 +99,7 @@ class _Folder:
         """The value's contents if it is a constant or computed from constants only (no graph edits)."""
         if value is None:
             return None
-        array = constant_array(value)
+        array = const_array(value)
         if array is not None or value.is_graph_input() or depth > 32:
             return array
         node = value.producer()
@@ -122,7 +116,7 @@ class _Folder:
 # Inlining one iteration
 
 
-def _inline(em: GraphEmitter, folder: _Folder, body: ir.Graph, bindings: list[ir.Value], tag: str) -> list[ir.Value]:
+def _inline(em: Builder, folder: _Folder, body: ir.Graph, bindings: list[ir.Value], tag: str) -> list[ir.Value]:
     """Append one copy of ``body`` with its inputs bound to ``bindings``; returns the copy's outputs."""
     copy = body.clone(allow_outer_scope_values=True)
     copy.sort()
@@ -138,7 +132,7 @@ def _inline(em: GraphEmitter, folder: _Folder, body: ir.Graph, bindings: list[ir
     nodes = list(copy)
     copy.remove(nodes)
     for k, node in enumerate(nodes):
-        arrays = [constant_array(v) for v in node.inputs]
+        arrays = [const_array(v) for v in node.inputs]
         if all(a is not None or v is None for a, v in zip(arrays, node.inputs)):
             results = folder.evaluate(node, arrays)
             if results is not None:
@@ -151,21 +145,21 @@ def _inline(em: GraphEmitter, folder: _Folder, body: ir.Graph, bindings: list[ir
         node.name = em.fresh_name(f"{tag}{node.name or f'{node.op_type}_{k}'}")
         for j, out in enumerate(node.outputs):
             out.name = em.fresh_name(f"{tag}{out.name or f'{k}_{j}'}")
-        em.nodes.append(node)
+        em.adopt(node)
     return [subst.get(v, v) for v in outputs]
 
 
-def _stack(em: GraphEmitter, values: list[ir.Value], axis: int, name: str) -> ir.Value:
+def _stack(em: Builder, values: list[ir.Value], axis: int, name: str) -> ir.Value:
     """Stack same-shaped tensors along a new ``axis`` (Unsqueeze each, one Concat)."""
     parts = [em.unsqueeze(v, [axis], f"{name}/unsqueeze_{k}") for k, v in enumerate(values)]
-    return em.concat(parts, axis, name) if len(parts) > 1 else em.op("Identity", parts, name)
+    return em.concat(parts, axis, name) if len(parts) > 1 else em.op("Identity", parts, hint=name)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Loop and Scan
 
 
-def _unroll_loop(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Folder) -> None:
+def _unroll_loop(graph: ir.Graph, node: ir.Node, em: Builder, folder: _Folder) -> None:
     """Replace a Loop by its iterations; raises _Refusal when the trip count is not static."""
     body = node.attributes["body"].as_graph()
     inputs = list(node.inputs) + [None] * (2 - len(node.inputs))
@@ -190,7 +184,7 @@ def _unroll_loop(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Fold
         for j, value in enumerate(outs[1 + len(carried):]):
             scans[j].append(value)
         if cond_value is not None:  # a for-loop (no cond input) ignores the body's condition
-            cond = constant_array(outs[0])
+            cond = const_array(outs[0])
             if cond is None:
                 raise _Refusal(f"its condition {body.outputs[0].name!r} depends on the data")
         k += 1
@@ -202,10 +196,10 @@ def _unroll_loop(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Fold
     for j, values in enumerate(scans):
         if _used(node, len(carried) + j):
             new[len(carried) + j] = _stack(em, values, 0, f"scan_output_{j}")
-    replace_outputs(graph, node, em, new)
+    replace_node(node, new)
 
 
-def _unroll_scan(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Folder) -> None:
+def _unroll_scan(graph: ir.Graph, node: ir.Node, em: Builder, folder: _Folder) -> None:
     """Replace a Scan by its iterations; raises _Refusal when the sequence length is not static."""
     body = node.attributes["body"].as_graph()
     n_in = node.attributes.get_int("num_scan_inputs")
@@ -218,7 +212,7 @@ def _unroll_scan(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Fold
     lengths = set()
     for j, x in enumerate(xs):
         shape = x.shape if x.shape is not None else (
-            ir.Shape(constant_array(x).shape) if constant_array(x) is not None else None)
+            ir.Shape(const_array(x).shape) if const_array(x) is not None else None)
         if shape is None or not isinstance(shape[in_axes[j] % shape.rank()], int):
             raise _Refusal(f"the sequence length of scan input {x.name!r} is not static (shape {x.shape})")
         in_axes[j] %= shape.rank()
@@ -248,59 +242,48 @@ def _unroll_scan(graph: ir.Graph, node: ir.Node, em: GraphEmitter, folder: _Fold
             values = [outs[j] for outs in outs_per_step]
             new[len(states) + j] = _stack(em, values[::-1] if out_dirs[j] else values, out_axes[j],
                                           f"scan_output_{j}")
-    replace_outputs(graph, node, em, new)
-
-
-def _discard(nodes: list[ir.Node]) -> None:
-    """Detach abandoned nodes (and the nodes of their subgraphs) from the values they read."""
-    for node in nodes:
-        inner = [n for attr in node.attributes.values() if attr.type == ir.AttributeType.GRAPH
-                 for n in attr.as_graph().all_nodes()]
-        for n in [node, *inner]:
-            for i in range(len(n.inputs)):
-                n.replace_input_with(i, None)
+    replace_node(node, new)
 
 
 def _used(node: ir.Node, idx: int) -> bool:
     """Whether output ``idx`` of ``node`` is read (by a node or as a graph output)."""
-    out = node.outputs[idx]
-    return bool(out.uses()) or out.is_graph_output()
+    return is_used(node.outputs[idx])
 
 
-def unroll_loops(model: ir.Model) -> bool:
-    """Unroll every Loop and Scan node of ``model.graph`` (and the loops they contain).
+class UnrollLoops(ir.passes.InPlacePass):
+    """Unroll every Loop and Scan node of the main graph (and the loops they contain).
 
-    Args:
-        model: the model, edited in place; trip counts must already be constants (see ``fold.py``).
-
-    Returns:
-        Whether any node was unrolled.
+    Trip counts must already be constants (see ``fold.py``).
 
     Raises:
         UnsupportedModelError: listing every loop that cannot be unrolled, with the reason.
     """
-    graph = model.graph
-    folder = _Folder(graph.opset_imports)
-    changed, refused = False, {}
-    while True:
-        todo = [n for n in graph if n.domain == "" and n.op_type in ("Loop", "Scan") and n not in refused]
-        if not todo:
-            break
-        for node in todo:
-            if node.op_type == "Scan" and opset_version(graph) < 9:
-                refused[node] = f"node {node.name!r}: Scan before opset 9 (with a batch axis) is not supported"
-                continue
-            em = GraphEmitter(graph, unique_prefix(graph, node.name or node.op_type))
-            try:
-                inputs = list(node.inputs)
-                (_unroll_loop if node.op_type == "Loop" else _unroll_scan)(graph, node, em, folder)
-                remove_dead_inputs(graph, inputs)
-                changed = True
-            except _Refusal as exc:
-                _discard(em.nodes)
-                refused[node] = f"node {node.name!r}: {exc}"
-    if refused:
-        raise unsupported_nodes_error(list(refused), "; ".join(refused.values()))
-    if changed:
-        graph.sort()
-    return changed
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        folder = _Folder(graph.opset_imports)
+        changed, refused = False, {}
+        while True:
+            todo = [n for n in graph if n.domain == "" and n.op_type in LOOP_OPS and n not in refused]
+            if not todo:
+                break
+            for node in todo:
+                if node.op_type == "Scan" and opset_of(graph) < 9:
+                    refused[node] = "Scan before opset 9 (with a batch axis) is not supported"
+                    continue
+                em = Builder(graph, node.name or node.op_type)
+                try:
+                    inputs = list(node.inputs)
+                    (_unroll_loop if node.op_type == "Loop" else _unroll_scan)(graph, node, em, folder)
+                    remove_dead_inputs(graph, inputs)
+                    changed = True
+                except _Refusal as exc:
+                    em.discard()
+                    refused[node] = f"cannot be unrolled: {exc}"
+        refusals = Refusals()
+        for node, reason in refused.items():
+            refusals.add(node, reason)
+        refusals.raise_if_any()
+        if changed:
+            graph.sort()
+        return ir.passes.PassResult(model, modified=changed)

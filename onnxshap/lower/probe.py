@@ -2,80 +2,39 @@
 
 The probe is how onnxshap learns what a static reading of the graph cannot always tell: the concrete shape of
 every tensor, which axis carries the batch (the one whose size follows the number of rows), and which integer
-"shape plumbing" tensors do not depend on the batch at all (so they can be folded into constants).
+"shape plumbing" tensors do not depend on the batch at all (so they can be folded into constants). The
+probed shapes are written into the graph (:func:`annotate`), the batch dimension as the symbol ``batch``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from onnxshap.errors import UnsupportedModelError
-from onnxshap.runtime import runtime_ir_version
+from onnxshap import runtime
 
 PROBE_BATCHES = (2, 3)
+BATCH = "batch"
 
-
-def model_to_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialize ``model`` with an IR version the installed ONNX Runtime reads."""
-    proto = ir.to_proto(model)
-    proto.ir_version = min(proto.ir_version or runtime_ir_version(), runtime_ir_version())
-    return proto
-
-
-def run_values(
-    model: ir.Model | onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str] | None = None
-) -> dict[str, np.ndarray]:
-    """Run ``model`` on ``feeds`` and return the named tensors (default: every top-level tensor).
-
-    Raises:
-        UnsupportedModelError: ONNX Runtime refused the model or failed while running it.
-    """
-    import onnxruntime as ort
-
-    proto = model if isinstance(model, onnx.ModelProto) else model_to_proto(model)
-    proto = _with_outputs(proto, names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1  # small probe batches: thread-pool start-up costs more than it saves
-    try:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        wanted = [o.name for o in session.get_outputs()]
-        results = session.run(wanted, feeds)
-    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(f"ONNX Runtime could not run the model: {first}") from None
-    return dict(zip(wanted, results))
-
-
-def _with_outputs(proto: onnx.ModelProto, names: list[str] | None) -> onnx.ModelProto:
-    graph_inputs = {i.name for i in proto.graph.input}
-    if names is None:
-        names = [o for node in proto.graph.node for o in node.output if o]
-    existing = {o.name for o in proto.graph.output}
-    wanted = [n for n in dict.fromkeys(names) if n not in existing and n not in graph_inputs]
-    if not wanted:
-        return proto
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted)
-    return copy
+Probe = dict[str, np.ndarray]
 
 
 def probe_feeds(examples: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
     """``batch`` rows for each input, cycling the example rows."""
-    feeds = {}
-    for name, array in examples.items():
-        index = np.arange(batch) % array.shape[0]
-        feeds[name] = np.ascontiguousarray(array[index])
-    return feeds
+    return {name: np.ascontiguousarray(array[np.arange(batch) % array.shape[0]])
+            for name, array in examples.items()}
 
 
-def probe_twice(model: ir.Model, examples: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """Every tensor of ``model`` at the two probe batch sizes."""
-    return tuple(run_values(model, probe_feeds(examples, b)) for b in PROBE_BATCHES)
+def probe_twice(model: ir.Model, examples: dict[str, np.ndarray]) -> tuple[Probe, Probe]:
+    """Every tensor of ``model`` (inputs and initializers included) at the two probe batch sizes."""
+    probes = []
+    for batch in PROBE_BATCHES:
+        feeds = probe_feeds(examples, batch)
+        values = runtime.evaluate(model, {v.name: feeds[v.name] for v in model.graph.inputs})
+        values.update({v.name: feeds[v.name] for v in model.graph.inputs})
+        values.update({name: init.const_value.numpy() for name, init in model.graph.initializers.items()})
+        probes.append(values)
+    return probes[0], probes[1]
 
 
 def batch_axis(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> int | None | str:
@@ -93,3 +52,21 @@ def batch_axis(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> int | None
     if len(changed) == 1 and shape_a[changed[0]] == batch_a and shape_b[changed[0]] == batch_b:
         return changed[0]
     return "merged"
+
+
+def annotate(model: ir.Model, probe_a: Probe, probe_b: Probe) -> None:
+    """Write the probed shapes and element types into the graph's values (batch dims as ``batch``)."""
+    values = [*model.graph.inputs, *(out for node in model.graph for out in node.outputs)]
+    for value in values:
+        if value.name in probe_a and value.name in probe_b:
+            a, b = probe_a[value.name], probe_b[value.name]
+            value.shape = ir.Shape([d if d == e else ir.SymbolicDim(BATCH) for d, e in zip(a.shape, b.shape)]
+                                   ) if a.ndim == b.ndim else None
+            value.type = ir.TensorType(ir.DataType.from_numpy(a.dtype))
+
+
+def static_shape(value: ir.Value) -> tuple | None:
+    """The annotated shape as a tuple (the batch dim as None), or None when unknown."""
+    if value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in value.shape)

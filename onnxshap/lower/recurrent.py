@@ -44,172 +44,11 @@ from types import SimpleNamespace
 import numpy as np
 import onnx_ir as ir
 
-from onnxshap.errors import unsupported_nodes_error
+from onnxshap.errors import Refusals
+from onnxshap.graph.builder import Builder
+from onnxshap.graph.edit import const_array, is_used, remove_dead_inputs, replace_node
 
-__all__ = [
-    "GraphEmitter", "constant_array", "opset_version", "remove_dead_inputs", "replace_outputs", "unique_prefix",
-    "unroll_recurrent",
-]
-
-# ---------------------------------------------------------------------------------------------------------
-# Graph-building helpers (shared with loops.py)
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant contents (initializer or Constant node), or None; graph inputs never count."""
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
-def opset_version(graph: ir.Graph) -> int:
-    """The default-domain opset version of ``graph``."""
-    imports = graph.opset_imports
-    return int(imports.get("", imports.get("ai.onnx", 21)))
-
-
-def unique_prefix(graph: ir.Graph, base: str) -> str:
-    """A name prefix ``base`` (or ``base_k``) that no node or value name of ``graph`` starts with + '/'."""
-    names = {n.name for n in graph.all_nodes()} | {v.name for v in graph.inputs}
-    names |= {v.name for n in graph.all_nodes() for v in n.outputs} | set(graph.initializers)
-    names.discard(None)
-    prefix, k = base, 0
-    while any(name.startswith(prefix + "/") for name in names):
-        k += 1
-        prefix = f"{base}_{k}"
-    return prefix
-
-
-class GraphEmitter:
-    """Collects the nodes and initializers that replace one node, named ``<prefix>/<name>``."""
-
-    def __init__(self, graph: ir.Graph, prefix: str, dtype: ir.DataType | None = None):
-        self.graph, self.prefix, self.dtype = graph, prefix, dtype
-        self.opset = opset_version(graph)
-        self.nodes: list[ir.Node] = []
-        self.initializers: list[ir.Value] = []  # registered by replace_outputs, if used
-        self._consts: dict[tuple, ir.Value] = {}
-        self._names: set[str] = set()
-
-    def fresh_name(self, name: str) -> str:
-        """``<prefix>/<name>``, suffixed if needed so that no two emitted names collide."""
-        full, k = f"{self.prefix}/{name}", 0
-        while full in self._names or full in self.graph.initializers:
-            k += 1
-            full = f"{self.prefix}/{name}_{k}"
-        self._names.add(full)
-        return full
-
-    def op(self, op_type: str, inputs, name: str, attrs: dict | None = None, num_outputs: int = 1):
-        """Append a default-domain node; returns its output (or the list of outputs if several)."""
-        full = self.fresh_name(name)
-        node = ir.node(op_type, list(inputs), attrs, num_outputs=num_outputs, name=full)
-        dtype = self.dtype or (inputs[0].dtype if inputs and inputs[0] is not None else None)
-        for i, out in enumerate(node.outputs):
-            out.name = full if num_outputs == 1 else f"{full}:{i}"
-            if dtype is not None:
-                out.dtype = dtype
-        self.nodes.append(node)
-        return node.outputs[0] if num_outputs == 1 else list(node.outputs)
-
-    def const(self, array, name: str, dtype=None) -> ir.Value:
-        """An initializer holding ``array`` (deduplicated by contents).
-
-        Its dtype is ``dtype``, else the emitter's float dtype, else the array's own.
-        """
-        if dtype is None and self.dtype is not None:
-            dtype = self.dtype.numpy()
-        array = np.array(array, dtype=dtype, order="C")
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self._consts:
-            full = self.fresh_name(name)
-            self._consts[key] = ir.Value(
-                name=full, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                const_value=ir.tensor(array, name=full))
-            self.initializers.append(self._consts[key])
-        return self._consts[key]
-
-    def ints(self, values, name: str = "axes") -> ir.Value:
-        """An int64 initializer (axes, split sizes, indices)."""
-        return self.const(np.asarray(values, dtype=np.int64), name, np.int64)
-
-    def squeeze(self, x: ir.Value, axes: list[int], name: str) -> ir.Value:
-        """Squeeze ``axes`` (axes as an input from opset 13, as an attribute before)."""
-        if self.opset >= 13:
-            return self.op("Squeeze", [x, self.ints(axes)], name)
-        return self.op("Squeeze", [x], name, {"axes": axes})
-
-    def unsqueeze(self, x: ir.Value, axes: list[int], name: str) -> ir.Value:
-        """Unsqueeze ``axes`` (axes as an input from opset 13, as an attribute before)."""
-        if self.opset >= 13:
-            return self.op("Unsqueeze", [x, self.ints(axes)], name)
-        return self.op("Unsqueeze", [x], name, {"axes": axes})
-
-    def split(self, x: ir.Value, axis: int, sizes: list[int], name: str) -> list[ir.Value]:
-        """Split ``x`` along ``axis`` into pieces of the given sizes (one node)."""
-        if len(sizes) == 1:
-            return [x]
-        if self.opset >= 13:
-            return self.op("Split", [x, self.ints(sizes, "split")], name, {"axis": axis}, len(sizes))
-        return self.op("Split", [x], name, {"axis": axis, "split": list(sizes)}, len(sizes))
-
-    def concat(self, xs: list[ir.Value], axis: int, name: str) -> ir.Value:
-        """Concat along ``axis``; a single tensor is returned as is."""
-        return xs[0] if len(xs) == 1 else self.op("Concat", xs, name, {"axis": axis})
-
-    def clip(self, x: ir.Value, bound: float, name: str) -> ir.Value:
-        """Clip to [-bound, bound] (constant min/max inputs from opset 11, attributes before)."""
-        if self.opset >= 11:
-            return self.op("Clip", [x, self.const(-bound, "clip_min"), self.const(bound, "clip_max")], name)
-        return self.op("Clip", [x], name, {"min": -bound, "max": bound})
-
-
-def replace_outputs(graph: ir.Graph, node: ir.Node, emitter: GraphEmitter, new: dict[int, ir.Value]) -> None:
-    """Insert the emitter's nodes before ``node``, hand ``node``'s outputs over to ``new``, remove ``node``.
-
-    The replacements take the original output names (graph outputs keep theirs); a replacement that is not a
-    fresh output of the emitter, or serves two outputs, gets an Identity so that every name stays unique.
-    """
-    fresh = {id(out) for n in emitter.nodes for out in n.outputs}
-    renames = []
-    for idx, value in new.items():
-        old = node.outputs[idx]
-        if id(value) not in fresh:
-            value = emitter.op("Identity", [value], f"out{idx}")
-        fresh.discard(id(value))
-        if old.shape is not None:
-            value.shape = old.shape.copy()
-        if old.type is not None:
-            value.type = old.type
-        renames.append((old, value))
-    graph.insert_before(node, emitter.nodes)
-    for old, value in renames:
-        old.replace_all_uses_with(value, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    for old, value in renames:
-        value.name = old.name
-    for value in emitter.initializers:
-        if value.uses():
-            graph.register_initializer(value)
-
-
-def remove_dead_inputs(graph: ir.Graph, values) -> None:
-    """Drop what fed a replaced node once nothing reads it: initializers, and producers (recursively)."""
-    stack = [v for v in values if v is not None]
-    while stack:
-        value = stack.pop()
-        if value.uses() or value.is_graph_output() or value.is_graph_input():
-            continue
-        if value.is_initializer() and value.name in graph.initializers:
-            graph.initializers.pop(value.name)
-            continue
-        node = value.producer()
-        if node is None or node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
-            continue
-        inputs = [v for v in node.inputs if v is not None]
-        graph.remove(node, safe=True)
-        stack.extend(inputs)
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,23 +90,23 @@ def _parse_activations(node: ir.Node, defaults: tuple[str, ...], n_dirs: int) ->
     return [parsed[d * k:(d + 1) * k] for d in range(n_dirs)]
 
 
-def _gate(em: GraphEmitter, pre: ir.Value, act: tuple, clip: float | None, name: str) -> ir.Value:
+def _gate(em: Builder, pre: ir.Value, act: tuple, clip: float | None, name: str) -> ir.Value:
     """``act(clip(pre))`` for one gate; ``act`` is (name, alpha, beta) from _parse_activations."""
     if clip is not None:
         pre = em.clip(pre, clip, f"{name}_clip")
     key, alpha, beta = act
     if key in _ACT_OPS:
-        return em.op(_ACT_OPS[key], [pre], name)
+        return em.op(_ACT_OPS[key], [pre], hint=name)
     if key == "affine":
-        return em.op("Add", [em.op("Mul", [pre, em.const(alpha, "alpha")], f"{name}_scale"),
-                             em.const(beta, "beta")], name)
+        return em.op("Add", [em.op("Mul", [pre, em.const(alpha, "alpha")], hint=f"{name}_scale"),
+                             em.const(beta, "beta")], hint=name)
     if key == "scaledtanh":
-        inner = em.op("Tanh", [em.op("Mul", [pre, em.const(beta, "beta")], f"{name}_scale")], f"{name}_tanh")
-        return em.op("Mul", [inner, em.const(alpha, "alpha")], name)
+        inner = em.op("Tanh", [em.op("Mul", [pre, em.const(beta, "beta")], hint=f"{name}_scale")], hint=f"{name}_tanh")
+        return em.op("Mul", [inner, em.const(alpha, "alpha")], hint=name)
     if key == "hardsigmoid":
-        return em.op("HardSigmoid", [pre], name, {"alpha": alpha, "beta": beta})
+        return em.op("HardSigmoid", [pre], {"alpha": alpha, "beta": beta}, hint=name)
     op = {"leakyrelu": "LeakyRelu", "thresholdedrelu": "ThresholdedRelu", "elu": "Elu"}[key]
-    return em.op(op, [pre], name, {"alpha": alpha})
+    return em.op(op, [pre], {"alpha": alpha}, hint=name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,24 +126,24 @@ def _cell_lstm(em, n, xw, state, p):
     """One LSTM step from ``xw`` = Xt·Wᵀ + b and state (H, C); returns (Ht, Ct)."""
     h, c = state
     f, g, hact = p.acts
-    pre = em.op("Add", [xw, em.op("MatMul", [h, p.R_t], f"{n}h_proj")], f"{n}gates_pre")
+    pre = em.op("Add", [xw, em.op("MatMul", [h, p.R_t], hint=f"{n}h_proj")], hint=f"{n}gates_pre")
     i_pre, o_pre, f_pre, c_pre = em.split(pre, -1, [p.hidden] * 4, f"{n}gates_split")
     if p.peephole:
-        i_pre = em.op("Add", [i_pre, em.op("Mul", [c, p.P_i], f"{n}input_peephole")], f"{n}input_gate_pre")
-        f_pre = em.op("Add", [f_pre, em.op("Mul", [c, p.P_f], f"{n}forget_peephole")], f"{n}forget_gate_pre")
+        i_pre = em.op("Add", [i_pre, em.op("Mul", [c, p.P_i], hint=f"{n}input_peephole")], hint=f"{n}input_gate_pre")
+        f_pre = em.op("Add", [f_pre, em.op("Mul", [c, p.P_f], hint=f"{n}forget_peephole")], hint=f"{n}forget_gate_pre")
     i = _gate(em, i_pre, f, p.clip, f"{n}input_gate")
     if p.input_forget:
-        fg = em.op("Sub", [em.const(1.0, "one"), i], f"{n}forget_gate")
+        fg = em.op("Sub", [em.const(1.0, "one"), i], hint=f"{n}forget_gate")
     else:
         fg = _gate(em, f_pre, f, p.clip, f"{n}forget_gate")
     cand = _gate(em, c_pre, g, p.clip, f"{n}cell_gate")
-    c_new = em.op("Add", [em.op("Mul", [fg, c], f"{n}cell_keep"), em.op("Mul", [i, cand], f"{n}cell_write")],
-                  f"{n}cell")
+    keep = em.op("Mul", [fg, c], hint=f"{n}cell_keep")
+    c_new = em.op("Add", [keep, em.op("Mul", [i, cand], hint=f"{n}cell_write")], hint=f"{n}cell")
     if p.peephole:
-        o_pre = em.op("Add", [o_pre, em.op("Mul", [c_new, p.P_o], f"{n}output_peephole")],
-                      f"{n}output_gate_pre")
+        peephole = em.op("Mul", [c_new, p.P_o], hint=f"{n}output_peephole")
+        o_pre = em.op("Add", [o_pre, peephole], hint=f"{n}output_gate_pre")
     o = _gate(em, o_pre, f, p.clip, f"{n}output_gate")
-    h_new = em.op("Mul", [o, _gate(em, c_new, hact, None, f"{n}cell_act")], f"{n}hidden")
+    h_new = em.op("Mul", [o, _gate(em, c_new, hact, None, f"{n}cell_act")], hint=f"{n}hidden")
     return h_new, c_new
 
 
@@ -325,21 +164,21 @@ def _cell_gru(em, n, xw, state, p):
     hid = p.hidden
     x_zr, x_h = em.split(xw, -1, [2 * hid, hid], f"{n}x_split")
     if p.lbr:
-        h_zr, h_h = em.split(em.op("MatMul", [h, p.R_t], f"{n}h_proj"), -1, [2 * hid, hid], f"{n}h_split")
-        h_h = em.op("Add", [h_h, p.Rb_h], f"{n}h_proj_bias")
+        h_zr, h_h = em.split(em.op("MatMul", [h, p.R_t], hint=f"{n}h_proj"), -1, [2 * hid, hid], f"{n}h_split")
+        h_h = em.op("Add", [h_h, p.Rb_h], hint=f"{n}h_proj_bias")
     else:
-        h_zr = em.op("MatMul", [h, p.R_zr_t], f"{n}h_proj")
-    z_pre, r_pre = em.split(em.op("Add", [x_zr, h_zr], f"{n}gates_pre"), -1, [hid, hid], f"{n}gates_split")
+        h_zr = em.op("MatMul", [h, p.R_zr_t], hint=f"{n}h_proj")
+    z_pre, r_pre = em.split(em.op("Add", [x_zr, h_zr], hint=f"{n}gates_pre"), -1, [hid, hid], f"{n}gates_split")
     z = _gate(em, z_pre, f, p.clip, f"{n}update_gate")
     r = _gate(em, r_pre, f, p.clip, f"{n}reset_gate")
     if p.lbr:
-        reset = em.op("Mul", [r, h_h], f"{n}reset")
+        reset = em.op("Mul", [r, h_h], hint=f"{n}reset")
     else:
-        reset = em.op("MatMul", [em.op("Mul", [r, h], f"{n}reset_hidden"), p.R_h_t], f"{n}reset")
-    cand = _gate(em, em.op("Add", [x_h, reset], f"{n}candidate_pre"), g, p.clip, f"{n}candidate")
-    keep = em.op("Sub", [em.const(1.0, "one"), z], f"{n}update_complement")
-    h_new = em.op("Add", [em.op("Mul", [keep, cand], f"{n}hidden_new"), em.op("Mul", [z, h], f"{n}hidden_keep")],
-                  f"{n}hidden")
+        reset = em.op("MatMul", [em.op("Mul", [r, h], hint=f"{n}reset_hidden"), p.R_h_t], hint=f"{n}reset")
+    cand = _gate(em, em.op("Add", [x_h, reset], hint=f"{n}candidate_pre"), g, p.clip, f"{n}candidate")
+    keep = em.op("Sub", [em.const(1.0, "one"), z], hint=f"{n}update_complement")
+    new = em.op("Mul", [keep, cand], hint=f"{n}hidden_new")
+    h_new = em.op("Add", [new, em.op("Mul", [z, h], hint=f"{n}hidden_keep")], hint=f"{n}hidden")
     return (h_new,)
 
 
@@ -350,7 +189,7 @@ def _prep_rnn(w, r, b, p, hidden, node):
 
 def _cell_rnn(em, n, xw, state, p):
     """One RNN step: Ht = f(xw + H·Rᵀ)."""
-    pre = em.op("Add", [xw, em.op("MatMul", [state[0], p.R_t], f"{n}h_proj")], f"{n}hidden_pre")
+    pre = em.op("Add", [xw, em.op("MatMul", [state[0], p.R_t], hint=f"{n}h_proj")], hint=f"{n}hidden_pre")
     return (_gate(em, pre, p.acts[0], p.clip, f"{n}hidden"),)
 
 
@@ -377,10 +216,7 @@ _KINDS = {
 
 def _needed(node: ir.Node, idx: int) -> bool:
     """Whether output ``idx`` of ``node`` exists and is read (by a node or as a graph output)."""
-    if idx >= len(node.outputs):
-        return False
-    out = node.outputs[idx]
-    return bool(out.uses()) or out.is_graph_output()
+    return idx < len(node.outputs) and is_used(node.outputs[idx])
 
 
 def _plan(node: ir.Node) -> SimpleNamespace:
@@ -399,11 +235,11 @@ def _plan(node: ir.Node) -> SimpleNamespace:
     consts = {}
     for idx, label in [(1, "W"), (2, "R"), (3, "B"), (7, "P")]:
         if inputs[idx] is not None and (idx != 7 or node.op_type == "LSTM"):
-            consts[label] = constant_array(inputs[idx])
+            consts[label] = const_array(inputs[idx])
             if consts[label] is None:
                 raise _Refusal(f"weight {label} ({inputs[idx].name!r}) is not a constant")
     if inputs[4] is not None:
-        lens = constant_array(inputs[4])
+        lens = const_array(inputs[4])
         if lens is None or not np.all(lens == dim):
             raise _Refusal(f"per-sample sequence lengths are not supported (sequence_lens {inputs[4].name!r}); "
                            f"pad every sequence to length {dim} and drop sequence_lens")
@@ -419,23 +255,23 @@ def _plan(node: ir.Node) -> SimpleNamespace:
     )
 
 
-def _initial_state(em: GraphEmitter, value, d: int, plan, name: str) -> ir.Value:
+def _initial_state(em: Builder, value, d: int, plan, name: str) -> ir.Value:
     """Direction ``d``'s slice of an initial state as ``[batch, hidden]`` (or zeros ``[1, hidden]``)."""
     axis = 1 if plan.layout else 0
     if value is None:
         return em.const(np.zeros((1, plan.hidden)), "zeros")
-    array = constant_array(value)
+    array = const_array(value)
     if array is not None:
         return em.const(np.take(array, d, axis=axis), name)
-    return em.op("Gather", [value, em.ints(d, "dir_index")], name, {"axis": axis})
+    return em.op("Gather", [value, em.ints(d, "dir_index")], {"axis": axis}, hint=name)
 
 
 def _lower(graph: ir.Graph, node: ir.Node, plan) -> None:
     """Replace ``node`` by its unrolled subgraph: per direction, X·Wᵀ + b once, then one cell per step."""
     kind, hidden, steps = plan.kind, plan.hidden, plan.steps
     dtype = plan.x.dtype or ir.DataType.from_numpy(plan.w.dtype)
-    em = GraphEmitter(graph, unique_prefix(graph, node.name or f"{node.op_type}"), dtype)
-    x = em.op("Transpose", [plan.x], "x_time_major", {"perm": [1, 0, 2]}) if plan.layout else plan.x
+    em = Builder(graph, node.name or node.op_type, dtype)
+    x = em.op("Transpose", [plan.x], {"perm": [1, 0, 2]}, hint="x_time_major") if plan.layout else plan.x
     ys, finals = [], []
     for d in range(plan.n_dirs):
         backward = d == 1 or plan.reverse
@@ -446,8 +282,8 @@ def _lower(graph: ir.Graph, node: ir.Node, plan) -> None:
                             input_forget=node.attributes.get_int("input_forget", 0),
                             lbr=node.attributes.get_int("linear_before_reset", 0),
                             **{k: em.const(v, f"{tag}{k}") for k, v in extra.items()})
-        xw = em.op("MatMul", [x, em.const(w_t, f"{tag}W_t")], f"{tag}x_proj")
-        xw = em.op("Add", [xw, em.const(bias, f"{tag}bias")], f"{tag}x_proj_bias")
+        xw = em.op("MatMul", [x, em.const(w_t, f"{tag}W_t")], hint=f"{tag}x_proj")
+        xw = em.op("Add", [xw, em.const(bias, f"{tag}bias")], hint=f"{tag}x_proj_bias")
         pieces = em.split(xw, 0, [1] * steps, f"{tag}x_steps")
         state = tuple(_initial_state(em, v, d, plan, f"{tag}initial_{'hc'[k]}") for k, v in enumerate(plan.init))
         hs = [None] * steps
@@ -460,41 +296,38 @@ def _lower(graph: ir.Graph, node: ir.Node, plan) -> None:
     new = {}
     if ys:
         y = em.concat(ys, 1, "Y")
-        new[0] = em.op("Transpose", [y], "Y_batch_major", {"perm": [2, 0, 1, 3]}) if plan.layout else y
+        new[0] = em.op("Transpose", [y], {"perm": [2, 0, 1, 3]}, hint="Y_batch_major") if plan.layout else y
     for k in range(kind.states):
         if _needed(node, k + 1):
             last = em.concat([s[k] for s in finals], 0, f"Y_{'hc'[k]}")
-            new[k + 1] = em.op("Transpose", [last], f"Y_{'hc'[k]}_batch_major", {"perm": [1, 0, 2]}) \
+            new[k + 1] = em.op("Transpose", [last], {"perm": [1, 0, 2]}, hint=f"Y_{'hc'[k]}_batch_major") \
                 if plan.layout else last
-    replace_outputs(graph, node, em, new)
+    replace_node(node, new)
 
 
-def unroll_recurrent(model: ir.Model) -> bool:
-    """Replace every LSTM, GRU and RNN node of ``model.graph`` by its unrolled primitive-op subgraph.
+class UnrollRecurrent(ir.passes.InPlacePass):
+    """Replace every LSTM, GRU and RNN node of the main graph by its unrolled primitive-op subgraph.
 
-    Args:
-        model: the model, edited in place. The sequence dim of each node's ``X`` must be a static integer.
-
-    Returns:
-        Whether any node was replaced.
+    The sequence dim of each node's ``X`` must be a static integer (the probe annotates it).
 
     Raises:
         UnsupportedModelError: listing every recurrent node that cannot be unrolled, with the reason.
     """
-    graph = model.graph
-    todo, refused = [], []
-    for node in graph:
-        if node.domain == "" and node.op_type in _KINDS:
-            try:
-                todo.append((node, _plan(node)))
-            except _Refusal as exc:
-                refused.append((node, f"node {node.name!r}: {exc}"))
-    if refused:
-        raise unsupported_nodes_error([n for n, _ in refused], "; ".join(reason for _, reason in refused))
-    for node, plan in todo:
-        inputs = list(node.inputs)
-        _lower(graph, node, plan)
-        remove_dead_inputs(graph, inputs)
-    if todo:
-        graph.sort()
-    return bool(todo)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        todo, refusals = [], Refusals()
+        for node in graph:
+            if node.domain == "" and node.op_type in _KINDS:
+                try:
+                    todo.append((node, _plan(node)))
+                except _Refusal as exc:
+                    refusals.add(node, f"cannot be unrolled: {exc}")
+        refusals.raise_if_any()
+        for node, plan in todo:
+            inputs = list(node.inputs)
+            _lower(graph, node, plan)
+            remove_dead_inputs(graph, inputs)
+        if todo:
+            graph.sort()
+        return ir.passes.PassResult(model, modified=bool(todo))

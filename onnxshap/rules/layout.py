@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxshap.emit import const_array, op_attr
+from onnxshap.graph.edit import const_array, normalize_axis, op_attr
 from onnxshap.pairs import PairContext
-from onnxshap.rules.registry import register
+from onnxshap.rules.elementwise import d_select
+from onnxshap.rules.table import linear
 
 
 def _p_shape(ctx: PairContext, value: ir.Value) -> list[int]:
@@ -29,25 +30,18 @@ def _p_shape(ctx: PairContext, value: ir.Value) -> list[int]:
     return [-1 if i == b else d for i, d in enumerate(ctx.shape(value))]
 
 
-def _pad_rest(node: ir.Node, outs: list) -> list:
-    return outs + [None] * (len(node.inputs) - len(outs))
-
-
-@register("Reshape", "Squeeze", "Unsqueeze", "Flatten", family="linear")
 def reshape(ctx: PairContext, node: ir.Node, outs):
-    return _pad_rest(node, [ctx.emit.reshape(outs[0], _p_shape(ctx, node.inputs[0]))])
+    return [ctx.build.reshape(outs[0], _p_shape(ctx, node.inputs[0]))]
 
 
-@register("Transpose", family="linear")
 def transpose(ctx: PairContext, node: ir.Node, outs):
     rank = ctx.rank(node.inputs[0])
     perm = op_attr(node, "perm", list(reversed(range(rank))))
-    return [ctx.emit.transpose(outs[0], [int(i) for i in np.argsort(perm)])]
+    return [ctx.build.transpose(outs[0], [int(i) for i in np.argsort(perm)])]
 
 
 def _axis(node: ir.Node, rank: int, default: int = 0) -> int:
-    axis = op_attr(node, "axis", default)
-    return axis + rank if axis < 0 else axis
+    return normalize_axis(op_attr(node, "axis", default), rank)
 
 
 def _not_on_batch_axis(ctx: PairContext, node: ir.Node) -> str | None:
@@ -57,20 +51,18 @@ def _not_on_batch_axis(ctx: PairContext, node: ir.Node) -> str | None:
     return None
 
 
-@register("Concat", family="linear", check=_not_on_batch_axis)
 def concat(ctx: PairContext, node: ir.Node, outs):
     out = node.outputs[0]
     axis = _axis(node, ctx.rank(out))
     sizes = [ctx.shape(v)[axis] for v in node.inputs]
-    parts = ctx.emit.op_multi("Split", [outs[0], ctx.emit.ints(sizes)], {"axis": axis}, num_outputs=len(sizes))
+    parts = ctx.build.op_multi("Split", [outs[0], ctx.build.ints(sizes)], {"axis": axis}, num_outputs=len(sizes))
     return [part if ctx.is_variable(v) else None for part, v in zip(parts, node.inputs)]
 
 
-@register("Split", family="linear", check=_not_on_batch_axis)
 def split(ctx: PairContext, node: ir.Node, outs):
     axis = _axis(node, ctx.rank(node.inputs[0]))
     parts = [m if m is not None else ctx.zeros(v) for m, v in zip(outs, node.outputs)]
-    return _pad_rest(node, [ctx.emit.op("Concat", parts, {"axis": axis})])
+    return [ctx.build.op("Concat", parts, {"axis": axis})]
 
 
 def _slice_spec(ctx: PairContext, node: ir.Node):
@@ -107,12 +99,11 @@ def _select_along(ctx: PairContext, multiplier: ir.Value, axis: int, rank: int, 
     rows = np.nonzero(index >= 0)[0]
     selection[rows, index[rows]] = 1.0
     perm = [i for i in range(rank) if i != axis] + [axis]
-    moved = ctx.emit.transpose(multiplier, perm)
-    routed = ctx.emit.op("MatMul", [moved, ctx.emit.const(selection, "selection")])
-    return ctx.emit.transpose(routed, [int(i) for i in np.argsort(perm)])
+    moved = ctx.build.transpose(multiplier, perm)
+    routed = ctx.build.op("MatMul", [moved, ctx.build.const(selection, "selection")])
+    return ctx.build.transpose(routed, [int(i) for i in np.argsort(perm)])
 
 
-@register("Slice", family="linear", check=_slice_check)
 def slice_(ctx: PairContext, node: ir.Node, outs):
     a = node.inputs[0]
     shape, rank = ctx.shape(a), ctx.rank(a)
@@ -122,13 +113,13 @@ def slice_(ctx: PairContext, node: ir.Node, outs):
     if contiguous and all(len(idx) for idx in spec.values()):
         begins = [int(spec[i][0]) if i in spec else 0 for i in range(rank)]
         ends = [shape[i] - int(spec[i][-1]) - 1 if i in spec else 0 for i in range(rank)]
-        m_a = ctx.emit.op("Pad", [outs[0], ctx.emit.ints(begins + ends)], {"mode": "constant"})
+        m_a = ctx.build.op("Pad", [outs[0], ctx.build.ints(begins + ends)], {"mode": "constant"})
     else:
         m_a = outs[0]
         for axis, index in spec.items():
             if axis != ctx.batch_axis(a):  # the batch axis is never sliced (checked)
                 m_a = _select_along(ctx, m_a, axis, rank, index, shape[axis])
-    return _pad_rest(node, [m_a])
+    return [m_a]
 
 
 def _gather_check(ctx: PairContext, node: ir.Node) -> str | None:
@@ -139,7 +130,6 @@ def _gather_check(ctx: PairContext, node: ir.Node) -> str | None:
     return None
 
 
-@register("Gather", family="linear", check=_gather_check)
 def gather(ctx: PairContext, node: ir.Node, outs):
     data = node.inputs[0]
     shape, rank = ctx.shape(data), ctx.rank(data)
@@ -148,7 +138,7 @@ def gather(ctx: PairContext, node: ir.Node, outs):
     target = list(shape)
     target[axis] = len(index)
     target[b] = -1
-    flat = ctx.emit.reshape(outs[0], target)
+    flat = ctx.build.reshape(outs[0], target)
     return [_select_along(ctx, flat, axis, rank, index, shape[axis]), None]
 
 
@@ -179,7 +169,6 @@ def _pad_check(ctx: PairContext, node: ir.Node) -> str | None:
     return "Pad along the batch axis is not supported" if any(pads) else None
 
 
-@register("Pad", family="linear", check=_pad_check)
 def pad(ctx: PairContext, node: ir.Node, outs):
     a = node.inputs[0]
     shape, rank = ctx.shape(a), ctx.rank(a)
@@ -192,18 +181,18 @@ def pad(ctx: PairContext, node: ir.Node, outs):
         axes = sorted(spec)
         starts = [spec[i][0] for i in axes]
         ends = [out_shape[i] - spec[i][1] for i in axes]
-        m_a = ctx.emit.op("Slice", [outs[0], ctx.emit.ints(starts), ctx.emit.ints(ends), ctx.emit.ints(axes)])
+        m_a = ctx.build.op("Slice", [outs[0], ctx.build.ints(starts), ctx.build.ints(ends), ctx.build.ints(axes)])
     else:
         m_a = outs[0]
         for axis, (before, after) in spec.items():
             if before or after:
                 m_a = _select_along(ctx, m_a, axis, rank, pad_index(shape[axis], before, after, mode), shape[axis])
-    return _pad_rest(node, [m_a])
+    return [m_a]
 
 
-@register("Expand", family="linear")
 def expand(ctx: PairContext, node: ir.Node, outs):
-    return [ctx.unbroadcast(outs[0], node.outputs[0], node.inputs[0]), None]
+    """Expand is broadcasting itself: the sweep sums the multiplier back over the broadcast axes."""
+    return [outs[0]]
 
 
 def _tile_check(ctx: PairContext, node: ir.Node) -> str | None:
@@ -214,7 +203,6 @@ def _tile_check(ctx: PairContext, node: ir.Node) -> str | None:
     return None
 
 
-@register("Tile", family="linear", check=_tile_check)
 def tile(ctx: PairContext, node: ir.Node, outs):
     """``y = tile(a, reps)``: view ``y`` as (..., reps_i, size_i, ...) and sum over the repeat axes."""
     a = node.inputs[0]
@@ -223,7 +211,7 @@ def tile(ctx: PairContext, node: ir.Node, outs):
     split_shape = []
     for i, (r, d) in enumerate(zip(repeats, shape)):
         split_shape += [-1] if i == b else [int(r), d]
-    viewed = ctx.emit.reshape(outs[0], split_shape)
+    viewed = ctx.build.reshape(outs[0], split_shape)
     repeat_axes, position = [], 0
     for i in range(len(shape)):
         if i != b:
@@ -231,8 +219,8 @@ def tile(ctx: PairContext, node: ir.Node, outs):
             position += 2
         else:
             position += 1
-    summed = ctx.emit.reduce("ReduceSum", viewed, repeat_axes, keepdims=False)
-    return [summed, None]
+    summed = ctx.build.reduce("ReduceSum", viewed, repeat_axes, keepdims=False)
+    return [summed]
 
 
 def _where_check(ctx: PairContext, node: ir.Node) -> str | None:
@@ -242,15 +230,28 @@ def _where_check(ctx: PairContext, node: ir.Node) -> str | None:
     return None
 
 
-@register("Where", family="linear", check=_where_check)
 def where(ctx: PairContext, node: ir.Node, outs):
-    cond, out = ctx.const(node.inputs[0]), node.outputs[0]
-    result = [None]
-    for branch, keep in ((node.inputs[1], True), (node.inputs[2], False)):
-        if not ctx.is_variable(branch):
-            result.append(None)
-            continue
-        zero = ctx.emit.const(np.zeros(1, dtype=np.float32), "zero")
-        chosen = ctx.emit.op("Where", [cond, outs[0], zero] if keep else [cond, zero, outs[0]])
-        result.append(ctx.unbroadcast(chosen, out, branch))
-    return result
+    """``M_a = cond · M_y``, ``M_b = (1 − cond) · M_y`` in the output's shape (the condition is constant)."""
+    cond = ctx.const(node.inputs[0])
+    zero = ctx.build.const(np.zeros(1, dtype=np.float32), "zero")
+    return [None] + [ctx.build.op("Where", [cond, outs[0], zero] if keep else [cond, zero, outs[0]])
+                     if ctx.is_variable(branch) else None
+                     for branch, keep in ((node.inputs[1], True), (node.inputs[2], False))]
+
+
+def _constant_condition(ctx: PairContext, node: ir.Node) -> bool:
+    return not ctx.is_variable(node.inputs[0])
+
+
+OPS = [
+    *(linear(op, reshape) for op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten")),
+    linear("Transpose", transpose),
+    linear("Concat", concat, check=_not_on_batch_axis),
+    linear("Split", split, check=_not_on_batch_axis),
+    linear("Slice", slice_, check=_slice_check),
+    linear("Gather", gather, check=_gather_check),
+    linear("Pad", pad, check=_pad_check),
+    linear("Expand", expand, broadcasts=True),
+    linear("Tile", tile, check=_tile_check),
+    linear("Where", where, check=_where_check, derivative=d_select, broadcasts=True, is_linear=_constant_condition),
+]

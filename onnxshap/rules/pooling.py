@@ -18,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxshap.emit import op_attr
+from onnxshap.graph.edit import op_attr
+from onnxshap.graph.windows import window_of
 from onnxshap.pairs import PairContext
 from onnxshap.rules.linear import reduce_axes, reduce_check
-from onnxshap.rules.registry import register
+from onnxshap.rules.table import Family, rule
 
 TINY_DELTA = 1e-7
 LOWEST = float(np.finfo(np.float32).min)
@@ -29,7 +30,7 @@ LOWEST = float(np.finfo(np.float32).min)
 
 def _cross_weights(ctx: PairContext, z: ir.Value, minimum: bool):
     """Per pair ``(c − z_r, z_x − c)`` with ``c`` the max (or min) of the two window values."""
-    e = ctx.emit
+    e = ctx.build
     z_x, z_r = ctx.pair_x(z), ctx.pair_r(z)
     c = e.op("Min" if minimum else "Max", [z_x, z_r], hint="cross_max")
     return e.op("Sub", [c, z_r]), e.op("Sub", [z_x, c])
@@ -37,7 +38,7 @@ def _cross_weights(ctx: PairContext, z: ir.Value, minimum: bool):
 
 def _inverse_delta(ctx: PairContext, a: ir.Value) -> ir.Value:
     """Per pair ``1/Δa``, and 0 where ``|Δa| < 1e-7`` (nothing is routed there)."""
-    e = ctx.emit
+    e = ctx.build
     delta = ctx.pair_delta(a)
     tiny = e.op("Less", [e.op("Abs", [delta]), e.scalar(TINY_DELTA)])
     safe = e.op("Where", [tiny, e.scalar(1.0), delta])
@@ -53,18 +54,9 @@ def _maxpool_check(ctx: PairContext, node: ir.Node) -> str | None:
 
 
 def _window_geometry(ctx: PairContext, node: ir.Node):
-    a = node.inputs[0]
-    kernel = list(op_attr(node, "kernel_shape"))
-    spatial = len(kernel)
-    strides = list(op_attr(node, "strides", [1] * spatial))
-    dilations = list(op_attr(node, "dilations", [1] * spatial))
-    pads = list(op_attr(node, "pads", [0] * (2 * spatial)))
-    in_size, out_size = ctx.shape(a)[2:], ctx.shape(node.outputs[0])[2:]
-    ends = pads[spatial:]
-    for i in range(spatial):  # ceil_mode: extend the end pad until a floor-mode window count matches
-        while (in_size[i] + pads[i] + ends[i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1 < out_size[i]:
-            ends[i] += 1
-    return kernel, strides, dilations, pads[:spatial], ends
+    """The pool's window with ceil mode folded into the end pads."""
+    in_size, out_size = ctx.shape(node.inputs[0])[2:], ctx.shape(node.outputs[0])[2:]
+    return window_of(node, in_size).with_ceil_mode(in_size, out_size)
 
 
 def _identity_kernel(channels: int, kernel: list[int]) -> np.ndarray:
@@ -74,10 +66,9 @@ def _identity_kernel(channels: int, kernel: list[int]) -> np.ndarray:
     return np.tile(eye, (channels, 1) + (1,) * len(kernel))
 
 
-@register("MaxPool", family="max-type", check=_maxpool_check)
 def max_pool(ctx: PairContext, node: ir.Node, outs):
-    kernel, strides, dilations, begins, ends = _window_geometry(ctx, node)
-    tiled = strides == kernel and all(d == 1 for d in dilations) and not any(begins) and not any(ends)
+    window = _window_geometry(ctx, node)
+    tiled = window.strides == window.kernel and all(d == 1 for d in window.dilations) and not any(window.pads)
     return [(_tiled_max_pool if tiled else _overlapping_max_pool)(ctx, node, outs[0])]
 
 
@@ -89,7 +80,7 @@ def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir
     ConvTranspose with a kernel of ones (stride = kernel; elements floor mode drops get zero) and scaled once.
     Measured on 2 cores: this beats rearranging the multiplier (Transpose, DepthToSpace) by 3×.
     """
-    e = ctx.emit
+    e = ctx.build
     a, z = node.inputs[0], node.outputs[0]
     kernel = list(op_attr(node, "kernel_shape"))
     spatial = len(kernel)
@@ -112,7 +103,7 @@ def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir
         windows = e.reshape(value, [0, channels] + interleaved)
         flat = e.reshape(e.transpose(windows, grouped), [0, channels] + out_size + [window])
         first = e.op("ArgMax", [flat], {"axis": -1, "keepdims": 0})
-        onehot = e.op("OneHot", [first, e.ints([window]), e.const(np.array([0, 1], np.float32), "onehot")])
+        onehot = ctx.onehot(first, window)
         unflat = e.transpose(e.reshape(onehot, [0, channels] + out_size + kernel), list(np.argsort(grouped)))
         onehot = e.reshape(unflat, [0, channels] + covered)
         if any(leftover):
@@ -124,21 +115,23 @@ def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir
 
     to_x, to_r = _cross_weights(ctx, z, minimum=False)  # (n, m, 1, C, *out_size)
     flat_pairs = [-1, channels] + out_size
-    full_pairs = [-1, ctx.m, 1, channels] + in_size
+    full_pairs = ctx.shape_with_pairs([], [1, channels] + in_size, k=False)
     to_x = e.reshape(spread(e.reshape(to_x, flat_pairs)), full_pairs)
     to_r = e.reshape(spread(e.reshape(to_r, flat_pairs)), full_pairs)
     routed = e.op("Add", [e.op("Mul", [to_x, e.unsqueeze(first_max_onehot("x"), [1, 2])]),
                           e.op("Mul", [to_r, e.unsqueeze(first_max_onehot("r"), [0, 2])])])
     factor = e.op("Mul", [routed, _inverse_delta(ctx, a)], hint="window_factor")
-    return ctx.scale(spread(multiplier), factor, a, a)
+    return ctx.scale(spread(multiplier), factor, a)
 
 
 def _overlapping_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir.Value:
     """General windows: im2col by a depthwise identity Conv, col2im by the matching ConvTranspose."""
-    e = ctx.emit
+    e = ctx.build
     a, z = node.inputs[0], node.outputs[0]
     channels = ctx.shape(a)[1]
-    kernel, strides, dilations, begins, ends = _window_geometry(ctx, node)
+    geometry = _window_geometry(ctx, node)
+    kernel, strides, dilations, begins, ends = (geometry.kernel, geometry.strides, geometry.dilations,
+                                                geometry.begins, geometry.ends)
     window = int(np.prod(kernel))
     weight = e.const(_identity_kernel(channels, kernel), "window_identity")
     conv_attrs = {"group": channels, "strides": strides, "dilations": dilations}
@@ -153,8 +146,7 @@ def _overlapping_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value)
         patches = e.op("Conv", [value, weight], conv_attrs, hint="im2col")
         patches = e.reshape(patches, [0, channels, window] + out_spatial)
         first = e.op("ArgMax", [patches], {"axis": 2, "keepdims": 0})
-        onehot = e.op("OneHot", [first, e.ints([window]), e.const(np.array([0, 1], np.float32), "onehot")],
-                      {"axis": 2})
+        onehot = ctx.onehot(first, window, axis=2)
         return onehot  # (rows, C, K, *out_spatial)
 
     onehot_x = e.unsqueeze(first_max_onehot("x"), [1, 2])
@@ -166,10 +158,7 @@ def _overlapping_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value)
     routed = e.op("Mul", [e.unsqueeze(ctx.expand(multiplier, z), [window_axis]), routed])
     columns = e.reshape(routed, [-1, channels * window] + out_spatial)
     in_size = ctx.shape(a)[2:]
-    output_padding = [
-        in_size[i] - ((out_spatial[i] - 1) * strides[i] - begins[i] - ends[i] + dilations[i] * (kernel[i] - 1) + 1)
-        for i in range(len(kernel))
-    ]
+    output_padding = geometry.output_padding(in_size, out_spatial)
     col2im = {**conv_attrs, "pads": begins + ends}
     if any(output_padding):
         col2im["output_padding"] = output_padding
@@ -178,17 +167,10 @@ def _overlapping_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value)
     return ctx.collapse(per_pair, a)
 
 
-def _max_axes(ctx: PairContext, node: ir.Node) -> list[int]:
-    if node.op_type == "GlobalMaxPool":
-        return list(range(2, ctx.rank(node.inputs[0])))
-    return reduce_axes(ctx, node)
-
-
-@register("ReduceMax", "ReduceMin", "GlobalMaxPool", family="max-type", check=reduce_check(_max_axes))
 def reduce_max(ctx: PairContext, node: ir.Node, outs):
-    e = ctx.emit
+    e = ctx.build
     a, z = node.inputs[0], node.outputs[0]
-    axes = _max_axes(ctx, node)
+    axes = reduce_axes(ctx, node)
     shape, rank = ctx.shape(a), ctx.rank(a)
     minimum = node.op_type == "ReduceMin"
     keep = [i for i in range(rank) if i not in axes]
@@ -199,7 +181,7 @@ def reduce_max(ctx: PairContext, node: ir.Node, outs):
         moved = e.transpose(ctx.side(a, side), perm)
         flat = e.reshape(moved, [0] * len(keep) + [reduced])
         first = e.op("ArgMin" if minimum else "ArgMax", [flat], {"axis": -1, "keepdims": 0})
-        onehot = e.op("OneHot", [first, e.ints([reduced]), e.const(np.array([0, 1], np.float32), "onehot")])
+        onehot = ctx.onehot(first, reduced)
         unflat = e.reshape(onehot, [0] * len(keep) + [shape[i] for i in axes])
         return e.transpose(unflat, [int(i) for i in np.argsort(perm)])
 
@@ -215,4 +197,10 @@ def reduce_max(ctx: PairContext, node: ir.Node, outs):
         m_z, to_x, to_r = (e.unsqueeze(v, expanded_axes) for v in (m_z, to_x, to_r))
     routed = e.op("Add", [e.op("Mul", [to_x, onehot_x]), e.op("Mul", [to_r, onehot_r])])
     per_pair = e.op("Mul", [m_z, e.op("Mul", [routed, _inverse_delta(ctx, a)])])
-    return [ctx.collapse(per_pair, a)] + [None] * (len(node.inputs) - 1)
+    return [ctx.collapse(per_pair, a)]
+
+
+OPS = [
+    rule("MaxPool", Family.MAX_TYPE, max_pool, check=_maxpool_check),
+    *(rule(op, Family.MAX_TYPE, reduce_max, check=reduce_check) for op in ("ReduceMax", "ReduceMin", "GlobalMaxPool")),
+]

@@ -21,9 +21,9 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxshap.pairs import PairContext
-from onnxshap.rules.elementwise import DERIVATIVES, rescale_factor
+from onnxshap.rules.elementwise import d_div, d_first_extreme, d_mul, d_pow, rescale_factor
 from onnxshap.rules.linear import matmul_linear, scale_by_constant
-from onnxshap.rules.registry import register
+from onnxshap.rules.table import Derivative, Family, rule, shapley
 
 
 def _aligned(ctx: PairContext, node: ir.Node) -> str | None:
@@ -38,32 +38,25 @@ def _aligned(ctx: PairContext, node: ir.Node) -> str | None:
     return None
 
 
-def _half_sum(ctx: PairContext, value: ir.Value) -> ir.Value:
-    e = ctx.emit
-    return e.op("Mul", [e.op("Add", [ctx.pair_x(value), ctx.pair_r(value)]), e.scalar(0.5)], hint="pair_mean")
-
-
-@register("Mul", family="product", check=_aligned)
 def mul(ctx: PairContext, node: ir.Node, outs):
     a, b = node.inputs
     if not (ctx.is_variable(a) and ctx.is_variable(b)):
         return scale_by_constant(ctx, node, outs[0])
     z = node.outputs[0]
-    return [ctx.scale(outs[0], _half_sum(ctx, b), z, a), ctx.scale(outs[0], _half_sum(ctx, a), z, b)]
+    return [ctx.scale(outs[0], ctx.pair_mean(b), z), ctx.scale(outs[0], ctx.pair_mean(a), z)]
 
 
-@register("Div", family="division", check=_aligned)
 def div(ctx: PairContext, node: ir.Node, outs):
     a, b = node.inputs
     if not ctx.is_variable(b):
         return scale_by_constant(ctx, node, outs[0])
-    e, z = ctx.emit, node.outputs[0]
+    e, z = ctx.build, node.outputs[0]
     bx, br = ctx.pair_x(b), ctx.pair_r(b)
     factor_a = e.op("Mul", [e.op("Add", [e.op("Reciprocal", [bx]), e.op("Reciprocal", [br])]), e.scalar(0.5)])
-    numerator = _half_sum(ctx, a) if ctx.is_variable(a) else a
+    numerator = ctx.pair_mean(a) if ctx.is_variable(a) else ctx.pair_constant(a, like=z)
     factor_b = e.op("Neg", [e.op("Div", [numerator, e.op("Mul", [bx, br])])])
-    m_a = ctx.scale(outs[0], factor_a, z, a) if ctx.is_variable(a) else None
-    return [m_a, ctx.scale(outs[0], factor_b, z, b)]
+    m_a = ctx.scale(outs[0], factor_a, z) if ctx.is_variable(a) else None
+    return [m_a, ctx.scale(outs[0], factor_b, z)]
 
 
 def _bilinear_check(ctx: PairContext, node: ir.Node) -> str | None:
@@ -85,51 +78,66 @@ def _bilinear_check(ctx: PairContext, node: ir.Node) -> str | None:
     return None
 
 
-@register("MatMul", family="bilinear", check=_bilinear_check)
 def matmul(ctx: PairContext, node: ir.Node, outs):
     a, b = node.inputs
     if not (ctx.is_variable(a) and ctx.is_variable(b)):
         return matmul_linear(ctx, node, outs[0])
-    e, z = ctx.emit, node.outputs[0]
+    e, z = ctx.build, node.outputs[0]
     m_z = ctx.expand(outs[0], z)
     rank = ctx.rank(z) + 2
     swap = list(range(rank - 2)) + [rank - 1, rank - 2]
-    m_a = e.op("MatMul", [m_z, e.transpose(_half_sum(ctx, b), swap)])
-    m_b = e.op("MatMul", [e.transpose(_half_sum(ctx, a), swap), m_z])
+    m_a = e.op("MatMul", [m_z, e.transpose(ctx.pair_mean(b), swap)])
+    m_b = e.op("MatMul", [e.transpose(ctx.pair_mean(a), swap), m_z])
     return [ctx.collapse(m_a, a), ctx.collapse(m_b, b)]
 
 
-@register("Max", "Min", "Pow", family="shapley", check=_aligned)
-def four_corners(ctx: PairContext, node: ir.Node, outs):
-    """The exact 2-player Shapley split from the four corners (x/r of each input); constant inputs (a
-    variadic ``Max(a, b, c)``) stay where they are."""
-    players = [i for i, v in enumerate(node.inputs) if ctx.is_variable(v)]
-    if len(players) != 2:
-        raise AssertionError(f"{node.op_type} with one variable input belongs to an elementwise region")
-    ia, ib = players
-    a, b = node.inputs[ia], node.inputs[ib]
-    e, z = ctx.emit, node.outputs[0]
-    op = node.op_type
+def four_corners(derivative: Derivative):
+    """The exact 2-player Shapley split from the four corners (x/r of each input) for an op whose partials
+    are ``derivative``; constant inputs (a variadic ``Max(a, b, c)``) stay where they are."""
 
-    def corner(side_a: str, side_b: str) -> ir.Value:
-        args = [ctx.pair_side(a, side_a) if i == ia else ctx.pair_side(b, side_b) if i == ib
-                else ctx.pair_constant(v, like=z) for i, v in enumerate(node.inputs)]
-        return e.op(op, args)
+    def four_corner_rule(ctx: PairContext, node: ir.Node, outs):
+        players = [i for i, v in enumerate(node.inputs) if ctx.is_variable(v)]
+        if len(players) != 2:
+            raise AssertionError(f"{node.op_type} with one variable input belongs to an elementwise region")
+        ia, ib = players
+        a, b = node.inputs[ia], node.inputs[ib]
+        e, z = ctx.build, node.outputs[0]
 
-    g_xr, g_rx = corner("x", "r"), corner("r", "x")
-    z_x, z_r = ctx.pair_x(z), ctx.pair_r(z)
-    half = e.scalar(0.5)
-    dz_a = e.op("Mul", [e.op("Add", [e.op("Sub", [g_xr, z_r]), e.op("Sub", [z_x, g_rx])]), half])
-    dz_b = e.op("Mul", [e.op("Add", [e.op("Sub", [g_rx, z_r]), e.op("Sub", [z_x, g_xr])]), half])
-    slopes = {side: DERIVATIVES[op](e, node, [ctx.side(v, side) for v in node.inputs], ctx.side(z, side))
-              for side in ("x", "r")}
-    corners = [g_xr, g_rx, z_x, z_r]
-    magnitude = e.op("Mul", [e.op("Sum", [e.op("Abs", [v]) for v in corners]), half])  # what dz rounds
-    result: list[ir.Value | None] = [None] * len(node.inputs)
-    bz = ctx.batch_axis(z)
-    for index, player, dz in ((ia, a, dz_a), (ib, b, dz_b)):
-        slope = e.op("Mul", [e.op("Add", [e.unsqueeze(slopes["x"][index], [bz + 1, bz + 2]),
-                                          e.unsqueeze(slopes["r"][index], [bz, bz + 2])]), half])
-        factor = rescale_factor(e, dz, ctx.pair_delta(player), slope, magnitude)
-        result[index] = ctx.scale(outs[0], factor, z, player)
-    return result
+        def corner(side_a: str, side_b: str) -> ir.Value:
+            args = [ctx.pair_side(a, side_a) if i == ia else ctx.pair_side(b, side_b) if i == ib
+                    else ctx.pair_constant(v, like=z) for i, v in enumerate(node.inputs)]
+            return e.op(node.op_type, args)
+
+        g_xr, g_rx = corner("x", "r"), corner("r", "x")
+        z_x, z_r = ctx.pair_x(z), ctx.pair_r(z)
+        half = e.scalar(0.5)
+        dz_a = e.op("Mul", [e.op("Add", [e.op("Sub", [g_xr, z_r]), e.op("Sub", [z_x, g_rx])]), half])
+        dz_b = e.op("Mul", [e.op("Add", [e.op("Sub", [g_rx, z_r]), e.op("Sub", [z_x, g_xr])]), half])
+        slopes = {side: derivative(e, node, [ctx.side(v, side) for v in node.inputs], ctx.side(z, side))
+                  for side in ("x", "r")}
+        magnitude = e.op("Mul", [e.op("Sum", [e.op("Abs", [v]) for v in (g_xr, g_rx, z_x, z_r)]), half])
+        result: list = [None] * len(node.inputs)
+        for index, player, dz in ((ia, a, dz_a), (ib, b, dz_b)):
+            slope = ctx.pair_average(slopes["x"][index], slopes["r"][index], z)
+            factor = rescale_factor(e, dz, ctx.pair_delta(player), slope, magnitude)
+            result[index] = ctx.scale(outs[0], factor, z)
+        return result
+
+    return four_corner_rule
+
+
+def _one_variable(ctx: PairContext, node: ir.Node) -> bool:
+    return sum(ctx.is_variable(v) for v in node.inputs) == 1
+
+
+def _numerator_only(ctx: PairContext, node: ir.Node) -> bool:
+    return ctx.is_variable(node.inputs[0]) and not ctx.is_variable(node.inputs[1])
+
+
+OPS = [
+    shapley("Mul", Family.PRODUCT, mul, d_mul, is_linear=_one_variable, check=_aligned),
+    shapley("Div", Family.DIVISION, div, d_div, is_linear=_numerator_only, check=_aligned),
+    rule("MatMul", Family.BILINEAR, matmul, check=_bilinear_check),
+    *(shapley(op, Family.SHAPLEY, four_corners(d), d, check=_aligned)
+      for op, d in (("Max", d_first_extreme), ("Min", d_first_extreme), ("Pow", d_pow))),
+]

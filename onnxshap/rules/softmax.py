@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxshap.emit import op_attr
+from onnxshap.graph.edit import op_attr
 from onnxshap.pairs import PairContext
 from onnxshap.rules.elementwise import rescale_factor
-from onnxshap.rules.registry import register
+from onnxshap.rules.table import Family, rule
 
 
 def _axis_check(ctx: PairContext, node: ir.Node) -> str | None:
@@ -32,9 +32,8 @@ def _axis_check(ctx: PairContext, node: ir.Node) -> str | None:
     return None
 
 
-@register("Softmax", "LogSoftmax", family="softmax", check=_axis_check)
 def softmax(ctx: PairContext, node: ir.Node, outs):
-    e = ctx.emit
+    e = ctx.build
     a, y = node.inputs[0], node.outputs[0]
     b = ctx.batch_axis(a)
     axis = op_attr(node, "axis", -1)
@@ -67,3 +66,6 @@ def softmax(ctx: PairContext, node: ir.Node, outs):
     if node.op_type == "LogSoftmax":
         m_a = e.op("Add", [m_a, m_y])
     return [ctx.collapse(m_a, a)]
+
+
+OPS = [rule(op, Family.SOFTMAX, softmax, check=_axis_check) for op in ("Softmax", "LogSoftmax")]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxshap.errors import ModelLoadError
+from onnxshap.errors import ModelLoadError, first_line
 
 MIN_OPSET = 17  # emitted ops (ScatterElements reduction, Split with an input, ...) need it
 
@@ -59,8 +61,7 @@ def _check(proto: onnx.ModelProto, where: str) -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise ModelLoadError(f"invalid ONNX model: {where}: {first}") from None
+        raise ModelLoadError(f"invalid ONNX model: {where}: {first_line(exc)}") from None
 
 
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
@@ -84,12 +85,8 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"cannot read external data of {path}: {exc}") from None
 
 
-def default_opset(proto: onnx.ModelProto) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _upgrade_opset(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    opset = default_opset(proto)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset >= MIN_OPSET:
         return proto
     try:
@@ -99,3 +96,37 @@ def _upgrade_opset(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
             f"{where}: opset {opset} could not be converted to opset {MIN_OPSET} ({exc}); "
             f"re-export the model with opset >= {MIN_OPSET}"
         ) from None
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What the data must look like: the model's data inputs (initializers excluded) and its outputs.
+
+    Attributes:
+        inputs: names of the inputs to feed, in graph order.
+        feature_shapes: per input, the dims after the batch axis (None where dynamic).
+        dtypes: per input, the numpy dtype the model takes.
+        outputs: names of the graph outputs.
+    """
+
+    inputs: list[str]
+    feature_shapes: dict[str, tuple]
+    dtypes: dict[str, np.dtype]
+    outputs: list[str]
+
+
+def signature(proto: onnx.ModelProto) -> Signature:
+    """The :class:`Signature` of a loaded model."""
+    initializers = {i.name for i in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
+    return Signature(
+        inputs=[i.name for i in graph_inputs],
+        feature_shapes={i.name: _feature_shape(i) for i in graph_inputs},
+        dtypes={i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in graph_inputs},
+        outputs=[o.name for o in proto.graph.output],
+    )
+
+
+def _feature_shape(value_info: onnx.ValueInfoProto) -> tuple:
+    dims = value_info.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:])

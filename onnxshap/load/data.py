@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from onnxshap.errors import InputDataError
+from onnxshap.load.model import Signature
 
 
 def to_numpy(array, what: str) -> np.ndarray:
@@ -99,3 +100,32 @@ def check_feeds(arrays: dict[str, np.ndarray], expected: dict[str, tuple], dtype
     if len(set(rows.values())) > 1:
         raise InputDataError(f"{what}: inputs have different numbers of rows: {rows}")
     return checked
+
+
+def feeds(data, model: Signature, what: str, like: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """``data`` as checked feeds for ``model``'s inputs.
+
+    Args:
+        data: one array, a list in input order, or a dict by input name (numpy, torch, pandas, ...).
+        model: the model's signature.
+        what: how messages name the data ("data", "background").
+        like: feeds whose row shape ``data`` must match (the background: the model was lowered for it).
+    """
+    checked = check_feeds(as_feeds(data, model.inputs, what), model.feature_shapes, model.dtypes, what)
+    for name, array in checked.items():
+        reference = (like or {}).get(name)
+        if reference is not None and array.shape[1:] != reference.shape[1:]:
+            raise InputDataError(
+                f"{what} for input {name!r} has shape {array.shape} but the background has rows of shape "
+                f"{reference.shape[1:]}; the model was lowered (sequences unrolled) for the background's "
+                "shape: explain rows of that shape, or build a DeepExplainer with a matching background")
+    return checked
+
+
+def first_array(data):
+    """The background as plain arrays (for exporters that need example inputs)."""
+    if isinstance(data, Mapping):
+        return {k: to_numpy(v, "background") for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [to_numpy(v, "background") for v in data]
+    return to_numpy(data, "background")

@@ -1,0 +1,1 @@
+"""Augment: plan the backward sweep (and refuse what is not exact), then build the augmented ONNX graph."""
