@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import logging
 import os
-import uuid
 import warnings
 from collections.abc import Sequence
 
@@ -20,6 +19,7 @@ import onnx
 
 from onnxshap import runtime
 from onnxshap.errors import ExportError, OnnxRuntimeError, first_line
+from onnxshap.files.write import write_atomic
 
 # The newest IR version onnxruntime 1.20-1.31 loads; exporters may write newer ones.
 MAX_IR_VERSION = 10
@@ -217,23 +217,10 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write a model to ``path`` through a temporary file in the same folder, then ``os.replace``.
-
-    The file gets the permissions a plain ``open(path, "wb")`` would give (0o666 minus the umask).
-    """
-    path = os.path.abspath(os.fspath(path))
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a model to ``path`` atomically (:func:`onnxshap.files.write.write_atomic`; parent folders are
+    created). Only a missing path or a regular file is replaced."""
+    payload = model.SerializeToString()
+    write_atomic(path, lambda file: file.write(payload), make_parents=True)
 
 
 def finish(model: onnx.ModelProto, path: str | os.PathLike | None) -> onnx.ModelProto:

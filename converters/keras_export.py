@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnxshap.converters import _common
 
-from onnxshap.errors import ExportError
+from onnxshap.errors import ExportError, first_line
 
 
 def export_keras(
@@ -136,7 +136,7 @@ def _load_file(location: str):
         try:
             return keras.models.load_model(location, compile=False)
         except Exception as exc:  # noqa: BLE001 - try the other Keras
-            errors.append(f"{module}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
+            errors.append(f"{module}: {type(exc).__name__}: {first_line(exc)[:200]}")
     raise ExportError(f"cannot load the Keras model {location!r}\n  " + "\n  ".join(errors))
 
 

@@ -10,6 +10,7 @@ from onnxshap.errors import (
     ModelLoadError,
     OnnxRuntimeError,
     OnnxShapError,
+    OutputFileError,
     UnsupportedModelError,
     UsageError,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ModelLoadError",
     "OnnxRuntimeError",
     "OnnxShapError",
+    "OutputFileError",
     "UnsupportedModelError",
     "UsageError",
     "__version__",

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from onnxshap.errors import InputDataError, OnnxShapError
+from onnxshap.errors import InputDataError, OnnxShapError, OutputFileError, UsageError, first_line
+from onnxshap.files.read import load_arrays, read_text_file
+from onnxshap.files.write import OutputSet, Terminated, raise_on_sigterm
+from onnxshap.load.data import check_shape, feeds
+from onnxshap.load.model import load_model, signature
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
 
 DESCRIPTION = """\
 Explain an ONNX model with Deep SHAP: how much each input feature moved each output away from its
@@ -27,9 +33,16 @@ examples:
   onnxshap model.onnx --input ids:a.npy --input mask:b.npy      a model with several inputs (.npz works too)
 
 output (.npz): shap_values (n, *input shape, k) [shap_values_<input> for several inputs], expected_value (k,),
-  output_indices (n, k), predictions (n, k), additivity_error (n,). Written atomically.
-exit codes: 0 success, 1 failed check or runtime error (unsupported op, additivity), 2 usage error
-  (bad option, missing or unreadable file, data that does not fit the model).
+  output_indices (n, k), predictions (n, k), additivity_error (n,).
+files: inputs must be regular files (no devices, FIFOs, sockets); .npy/.npz headers are checked before any
+  array is read, never unpickled. Limits: ONNXSHAP_MAX_MODEL_BYTES (model + external data, default 4 GiB),
+  ONNXSHAP_MAX_DATA_BYTES (arrays of one data file, default half the RAM). Outputs (-o, --plot, --save-graph)
+  are checked before the work (existing folder, not an input, only regular files replaced) and written
+  together at the end, each through .NAME.onnxshap-partial-PID in its folder: no output unless all succeed.
+  A partial file left by a SIGKILL is never the output; delete it.
+exit codes: 0 success; 1 failed check or runtime error (unsupported op, additivity, a write that failed);
+  2 usage error (bad option, missing/unreadable/unsafe file or output, data that does not fit the model);
+  130 interrupted (SIGINT); 143 terminated (SIGTERM; partial files removed).
 """
 
 
@@ -71,32 +84,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_array_file(path: str, what: str):
-    """An .npy array or a dict of .npz arrays; never unpickles."""
-    file = Path(path)
-    if not file.exists():
-        raise InputDataError(f"{what} file not found: {file}")
-    if file.is_dir():
-        raise InputDataError(f"{what} path is a folder: {file}")
-    try:
-        loaded = np.load(file, allow_pickle=False)
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise InputDataError(f"{what} file {file} holds Python objects that need pickle to load; refused "
-                                 "(save plain numeric arrays with np.save)") from None
-        raise InputDataError(f"{what} file {file} is not a readable .npy/.npz: {exc}") from None
-    except (OSError, EOFError) as exc:
-        raise InputDataError(f"{what} file {file} is not a readable .npy/.npz: {exc}") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            try:
-                return {name: loaded[name] for name in loaded.files}
-            except ValueError as exc:
-                raise InputDataError(f"{what} file {file} holds arrays that need pickle; refused") from exc
-    return loaded
+def load_array_file(path: str, what: str, shapes: dict[str, tuple] | None = None, only: str | None = None):
+    """An .npy array or a dict of .npz arrays; never unpickles. With ``shapes`` (input name → feature shape),
+    keys and declared shapes are checked before any array is read; ``only`` names the one input the file is
+    for (``--input NAME:FILE``)."""
+    def check_keys(keys: list[str]) -> None:
+        if only is not None:
+            if len(keys) != 1:
+                raise InputDataError(f"{what} file {path} holds {len(keys)} arrays; --input NAME:FILE needs "
+                                     "one")
+            return
+        unknown = sorted(set(keys) - set(shapes))
+        if unknown:
+            raise InputDataError(f"{what} file {path}: unknown input name(s) "
+                                 f"{', '.join(map(repr, unknown))}; the model's inputs are "
+                                 f"{', '.join(map(repr, shapes))}")
+        missing = [name for name in shapes if name not in keys]
+        if missing:
+            raise InputDataError(f"{what} file {path}: missing input(s) {', '.join(map(repr, missing))}")
+
+    def check_array(key, shape, dtype) -> None:
+        name = only or key or (next(iter(shapes)) if len(shapes) == 1 else None)
+        if name is None:
+            raise InputDataError(f"{what} file {path} holds one array but the model has {len(shapes)} inputs "
+                                 f"({', '.join(shapes)}); pass an .npz keyed by input name, or --input "
+                                 "NAME:FILE")
+        check_shape(name, shape, shapes[name], f"{what} file {path}")
+
+    if shapes is None:
+        return load_arrays(path, what)
+    arrays = load_arrays(path, what, check_keys=check_keys, check_array=check_array)
+    if only is not None and isinstance(arrays, dict):
+        return next(iter(arrays.values()))
+    return arrays
 
 
-def _collect_data(args) -> object:
+def _collect_data(args, shapes: dict[str, tuple]) -> object:
     if args.data and args.input:
         raise InputDataError("give the data either as a positional file or with --input, not both")
     if args.input:
@@ -105,11 +128,21 @@ def _collect_data(args) -> object:
             name, sep, path = item.rpartition(":")
             if not sep or not name:
                 raise InputDataError(f"--input expects NAME:FILE.npy, got {item!r}")
-            data[name] = load_array_file(path, f"data for input {name!r}")
+            if name not in shapes:
+                raise InputDataError(f"--input {item}: unknown input name {name!r}; the model's inputs are "
+                                     f"{', '.join(map(repr, shapes))}")
+            if name in data:
+                raise InputDataError(f"--input {name!r} given twice")
+            data[name] = load_array_file(path, "data", shapes, only=name)
         return data
     if not args.data:
         raise InputDataError("no data: pass a .npy/.npz file after the model, or --input NAME:FILE.npy")
-    return load_array_file(args.data, "data")
+    return load_array_file(args.data, "data", shapes)
+
+
+def _data_files(args) -> list[str]:
+    return [p for p in [args.data, args.background, args.names] if p] + [
+        item.rpartition(":")[2] for item in args.input]
 
 
 def _rows(data) -> int:
@@ -130,43 +163,72 @@ def _default_output(args) -> Path:
     return source.with_name(f"{source.stem}.shap.npz")
 
 
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial.npz")
+def _plot_format(path: str) -> str:
+    """The image format of ``--plot`` from its extension (png when it has none); refuses unknown ones."""
     try:
-        np.savez(temporary, **arrays)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise InputDataError("--plot needs matplotlib: pip install 'onnxshap[plots]'") from None
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise OutputFileError(f"--plot {path}: unknown image format {fmt!r}; use one of "
+                              f"{', '.join(sorted(supported))}")
+    return fmt
+
+
+def _check_options(args) -> None:
+    if args.background_size < 1:
+        raise UsageError("--background-size must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
 
 
 def run(args) -> int:
+    """Check every option, file and output target; explain; then write every output together."""
+    from onnxshap import plots
     from onnxshap.explainer import DeepExplainer
 
-    if args.background_size < 1:
-        raise InputDataError("--background-size must be at least 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputDataError("--batch-size must be at least 1")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InputDataError("--plot needs matplotlib: pip install 'onnxshap[plots]'") from None
+    _check_options(args)
+    plot_format = _plot_format(args.plot) if args.plot else None
     started = time.perf_counter()
-    data = _collect_data(args)
-    if args.background:
-        background = load_array_file(args.background, "background")
-    else:
-        background = _sample_background(data, args.background_size, args.seed)
-    names = Path(args.names).read_text().split() if args.names else None
-    explainer = DeepExplainer(args.model, background, layer=args.layer, outputs=args.outputs,
-                              device=args.device, batch_size=args.batch_size, feature_names=names)
-    result = explainer.explain(data, ranked_outputs=args.rank, output_rank_order=args.rank_order,
-                               check_additivity=not args.no_check, progress=not args.quiet)
-    explanations = result if isinstance(result, list) else [result]
+    names = read_text_file(args.names, "--names").split() if args.names else None
+    model_files: list[Path] = []
+    proto = load_model(args.model, read_files=model_files)
+    with OutputSet(inputs=[*model_files, *_data_files(args)]) as outputs:
+        output = outputs.check(args.output or _default_output(args), "output")
+        plot = outputs.check(args.plot, "--plot") if args.plot else None
+        graph = outputs.check(args.save_graph, "--save-graph") if args.save_graph else None
+        model = signature(proto)
+        shapes = model.feature_shapes
+        data = feeds(_collect_data(args, shapes), model, "data")
+        if args.background:
+            background = load_array_file(args.background, "background", shapes)
+        else:
+            background = _sample_background(data, args.background_size, args.seed)
+        explainer = DeepExplainer(proto, background, layer=args.layer, outputs=args.outputs,
+                                  device=args.device, batch_size=args.batch_size, feature_names=names)
+        result = explainer.explain(data, ranked_outputs=args.rank, output_rank_order=args.rank_order,
+                                   check_additivity=not args.no_check, progress=not args.quiet)
+        explanations = result if isinstance(result, list) else [result]
+        if plot is not None:
+            figure = _figure(explanations[0])
+            outputs.stage(plot, lambda file: figure.savefig(file, format=plot_format, dpi=plots.DPI))
+        if graph is not None:
+            payload = explainer.augmented.proto.SerializeToString()
+            outputs.stage(graph, lambda file: file.write(payload))
+        arrays = _result_arrays(explainer, explanations)
+        outputs.stage(output, lambda file: np.savez(file, **arrays))
+        outputs.commit()
+    if not args.quiet:
+        _summary(explainer, explanations, output, time.perf_counter() - started, args)
+    return EXIT_OK
+
+
+def _result_arrays(explainer, explanations) -> dict[str, np.ndarray]:
     first = explanations[0]
     arrays = {
-        "expected_value": np.atleast_1d(explainer._expected),
+        "expected_value": np.atleast_1d(explainer.expected_value),
         "output_indices": first.output_indices,
         "predictions": first.predictions,
         "additivity_error": first.additivity_error,
@@ -175,28 +237,19 @@ def run(args) -> int:
         arrays["shap_values"] = first.values
     else:
         arrays.update({f"shap_values_{e.input_name}": e.values for e in explanations})
-    output = Path(args.output) if args.output else _default_output(args)
-    _write_npz(output, arrays)
-    if args.save_graph:
-        explainer.save_augmented(args.save_graph)
-    if args.plot:
-        _plot(first, args.plot)
-    if not args.quiet:
-        _summary(explainer, explanations, output, time.perf_counter() - started, args)
-    return EXIT_OK
+    return arrays
 
 
-def _plot(explanation, path: str) -> None:
+def _figure(explanation):
+    """The figure for ``--plot``: images, a variables × time-steps heatmap, or a bar of mean |value|."""
     from onnxshap import plots
 
     values, data = explanation.values, explanation.data
     if data.ndim == 4:  # images (n, C, H, W) or (n, H, W, C)
-        plots.image_plot(values, data, output_names=explanation.output_names, path=path)
-    elif data.ndim == 3:  # sequences (n, T, F): the first explained output
-        plots.timeseries_heatmap(values[..., 0], variable_names=explanation.feature_names, path=path)
-    else:
-        plots.importance_bar(np.abs(values).mean(axis=(0, -1)).reshape(-1), names=explanation.feature_names,
-                             path=path)
+        return plots.image_plot(values, data, output_names=explanation.output_names)
+    if data.ndim == 3:  # sequences (n, T, F): the first explained output
+        return plots.timeseries_heatmap(values[..., 0], variable_names=explanation.feature_names)
+    return plots.importance_bar(np.abs(values).mean(axis=(0, -1)).reshape(-1), names=explanation.feature_names)
 
 
 def _summary(explainer, explanations, output: Path, seconds: float, args) -> None:
@@ -207,7 +260,7 @@ def _summary(explainer, explanations, output: Path, seconds: float, args) -> Non
           f"{k} output(s) per row")
     for e in explanations:
         print(f"  {e.input_name}: values {e.values.shape}")
-    expected = np.atleast_1d(explainer._expected)
+    expected = np.atleast_1d(explainer.expected_value)
     shown = ", ".join(f"{v:.6g}" for v in expected[:10]) + (", ..." if expected.size > 10 else "")
     print(f"  expected value: [{shown}]")
     print(f"  worst additivity error: {first.additivity_error.max():.3g} (row {int(first.additivity_error.argmax())})")
@@ -224,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose and args.quiet:
         parser.error("-v and -q exclude each other")
+    previous = _catch_sigterm()
     try:
         return run(args)
     except OnnxShapError as exc:
@@ -231,10 +285,28 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxshap: interrupted", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("onnxshap: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except MemoryError:
         print("onnxshap: error: out of memory; try a smaller --batch-size or background", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # a write that failed midway (disk full, I/O error): nothing was left behind
+        print(f"onnxshap: error: {first_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _catch_sigterm():
+    """SIGTERM raises Terminated (so partial files are removed); returns the previous handler to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    raise_on_sigterm()
+    return previous
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Every message starts with one line that names the problem (file, tensor, op, node, shape); details follow on
 later lines. The CLI prints these without a traceback and exits with the class's ``exit_code``: 2 for usage,
-model and data errors (the user's input is wrong), 1 for everything else (a failed check, a refusal, a
-runtime failure). The Python API raises the same classes, so the two agree.
+model, data and output-file errors (the user's input is wrong), 1 for everything else (a failed check, a
+refusal, a runtime failure). The Python API raises the same classes, so the two agree.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ class InputDataError(OnnxShapError, ValueError):
     exit_code = 2
 
 
+class OutputFileError(OnnxShapError):
+    """An output cannot be written as asked: missing or read-only folder, a target that is not a regular file
+    or that is one of the run's inputs."""
+
+    exit_code = 2
+
+
 class UnsupportedModelError(OnnxShapError):
     """The model uses ops or structures onnxshap cannot explain exactly (never answered wrongly)."""
 
@@ -52,9 +59,11 @@ class ExportError(OnnxShapError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first non-empty line of an exception's message, stripped (its type name when there is none)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
 
 
 class Refusals:

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxshap import runtime
+from onnxshap import additivity, runtime
 from onnxshap.augment.build import AugmentedModel, build_augmented
 from onnxshap.augment.plan import make_plan, select_outputs
 from onnxshap.check import unknown_ops
-from onnxshap.errors import AdditivityError, OnnxRuntimeError, Refusals, UsageError
+from onnxshap.errors import OnnxRuntimeError, Refusals, UsageError
 from onnxshap.explanation import Explanation
+from onnxshap.files.write import write_atomic
 from onnxshap.load.data import feature_names_of, feeds
 from onnxshap.load.frameworks import framework_to_onnx, is_onnx_source
 from onnxshap.load.model import load_model, signature
@@ -28,7 +29,6 @@ from onnxshap.lower import lower
 from onnxshap.run import Runner, chunking
 
 RANK_ORDERS = ("max", "min", "max_abs")
-ADDITIVITY_TOLERANCE = 1e-4
 
 
 def _available_memory() -> int:
@@ -86,6 +86,7 @@ class DeepExplainer:
         reference_outputs = self.runner.predict(self.background)
         self.n_outputs = reference_outputs.shape[1]
         self._expected = reference_outputs.mean(axis=0)
+        self._expected_magnitude = np.abs(reference_outputs).mean(axis=0)  # the additivity check's scale
         self.output_labels = self._output_labels()
 
     def _output_labels(self) -> list[str]:
@@ -149,16 +150,13 @@ class DeepExplainer:
 
         Inputs: the model's inputs (the samples), ``reference/<input>`` (the background rows, any number)
         and ``output_index`` (n, k) int64; outputs: ``shap_values_<i>`` per explained tensor and
-        ``prediction``. The background is not embedded: feed it (or any other) at run time.
+        ``prediction`` (each name gets a suffix ``_1``, ``_2``, ... when the model already uses it). The
+        background is not embedded: feed it (or any other) at run time. Written with
+        :func:`onnxshap.files.write.write_atomic`: only a missing path or a regular file is replaced, and the
+        folder must exist.
         """
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.partial")
-        try:
-            onnx.save(self.augmented.proto, str(temporary))
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return path
+        payload = self.augmented.proto.SerializeToString()
+        return write_atomic(path, lambda file: file.write(payload))
 
     # -- the work ------------------------------------------------------------------------------------
     def _output_indices(self, predictions: np.ndarray, ranked_outputs, order: str) -> np.ndarray:
@@ -183,12 +181,8 @@ class DeepExplainer:
         values = self.runner.explain(self.augmented, data, self.background, indices, chunks, progress)
         predictions = np.take_along_axis(predictions_all, indices, axis=1)
         base = self._expected[indices]
-        error = _additivity_error(values, predictions, base)
-        if check_additivity and error.size and error.max() > ADDITIVITY_TOLERANCE:
-            row = int(error.argmax())
-            raise AdditivityError(
-                f"SHAP values do not add up: row {row} has relative error {error[row]:.3g} > "
-                f"{ADDITIVITY_TOLERANCE:g} (sum of values vs f(x) - E[f(background)]); please report this model")
+        error = additivity.check_additivity(values, predictions, base, self._expected_magnitude[indices],
+                                            self.output_labels, indices, enforce=check_additivity)
         explained_data = self._explained_data(data)
         elapsed = time.perf_counter() - started
         return [
@@ -218,10 +212,3 @@ def _lower_checked(proto: onnx.ModelProto, background: dict[str, np.ndarray]):
         refusals = Refusals()
         refusals.extend(unknown, "no DeepLIFT rule for this op")
         raise refusals.error() from None
-
-
-def _additivity_error(values: list[np.ndarray], predictions: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Per row: max over outputs of |Σφ − (f(x) − E f)| / max(1, |f(x) − E f|)."""
-    total = sum(v.reshape(v.shape[0], -1, v.shape[-1]).astype(np.float64).sum(axis=1) for v in values)
-    change = predictions - base
-    return (np.abs(total - change) / np.maximum(1.0, np.abs(change))).max(axis=1)

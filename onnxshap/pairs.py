@@ -232,7 +232,10 @@ class PairContext:
         b = self.batch_axis(out)
         padded = (1,) * (len(out_shape) - len(in_shape)) + tuple(in_shape)
         axes = [i for i, (o, s) in enumerate(zip(out_shape, padded)) if s == 1 and o != 1 and i != b]
-        summed = self.build.reduce("ReduceSum", multiplier, axes, keepdims=True)
+        # summed in float64: ONNX Runtime's float32 ReduceSum accumulates in order, off by ~count·eps for
+        # equal terms (3e-3 over the 3e6 copies an Expand → ReduceMean makes)
+        wide = self.build.reduce("ReduceSum", self.build.cast(multiplier, ir.DataType.DOUBLE), axes, keepdims=True)
+        summed = self.build.cast(wide, ir.DataType.FLOAT)
         if len(padded) == len(in_shape):
             return summed
         return self.build.reshape(summed, [-1 if i == self.batch_axis(into) else d for i, d in enumerate(in_shape)])

@@ -13,7 +13,6 @@ Each function takes a NumPy array of SHAP values or any object with a ``values``
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -360,17 +359,9 @@ def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> None:
-    """Save through a temporary file in the same folder, then ``os.replace``; format from the extension."""
-    path = os.path.abspath(os.fspath(path))
-    folder, name = os.path.split(path)
-    fmt = os.path.splitext(name)[1].lstrip(".").lower() or "png"
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            fig.savefig(f, format=fmt, dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Save atomically (:func:`onnxshap.files.write.write_atomic`: a partial file in the same folder, renamed
+    over ``path``; parent folders are created); the format follows the extension (default png)."""
+    from onnxshap.files.write import write_atomic
+
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    write_atomic(path, lambda file: fig.savefig(file, format=fmt, dpi=DPI), make_parents=True)

@@ -66,7 +66,7 @@ def _options(mode: str):
     ort = _ort()
     options = ort.SessionOptions()
     if mode == "explain":
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures come back as exceptions, worded by the caller; no log lines
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads = int(os.environ.get("ONNXSHAP_THREADS", "0"))
         if threads:

@@ -3,8 +3,8 @@
 Layers, lowest first; a module may import only from its own layer or lower ones (function-level imports
 count too), and the module graph has no cycle:
 
-    errors → graph → runtime → converters → load → lower → pairs → rules → check, augment → run →
-    explanation, plots, timeseries → explainer → support, cli → the package facade
+    errors → graph, files → runtime → converters → load → lower → pairs → rules → check, augment → run →
+    additivity, explanation, plots, timeseries → explainer → support, cli → the package facade
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["onnxshap.errors"],
-    ["onnxshap.graph"],
+    ["onnxshap.graph", "onnxshap.files"],
     ["onnxshap.runtime"],
     ["onnxshap.converters"],
     ["onnxshap.load"],
@@ -27,7 +27,7 @@ LAYERS = [
     ["onnxshap.rules"],
     ["onnxshap.check", "onnxshap.augment"],
     ["onnxshap.run"],
-    ["onnxshap.explanation", "onnxshap.plots", "onnxshap.timeseries"],
+    ["onnxshap.additivity", "onnxshap.explanation", "onnxshap.plots", "onnxshap.timeseries"],
     ["onnxshap.explainer"],
     ["onnxshap.support", "onnxshap.cli"],
     ["onnxshap"],

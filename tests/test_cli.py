@@ -182,11 +182,13 @@ def test_runoff_model_heatmap_and_bar(tmp_path):
 
 def test_three_variable_sequences_plot_as_a_heatmap(tmp_path, monkeypatch):
     """(n, T, 3) data is a time series, not RGB images."""
+    from matplotlib.figure import Figure
+
     from onnxshap import plots
 
     drawn = []
-    monkeypatch.setattr(plots, "timeseries_heatmap", lambda values, **kw: drawn.append(values.shape))
-    monkeypatch.setattr(plots, "image_plot", lambda *a, **kw: drawn.append("image"))
+    monkeypatch.setattr(plots, "timeseries_heatmap", lambda values, **kw: drawn.append(values.shape) or Figure())
+    monkeypatch.setattr(plots, "image_plot", lambda *a, **kw: drawn.append("image") or Figure())
     data = np.load(MODELS / "stacked_lstm_data.npy")[:6]
     np.save(tmp_path / "seq.npy", data)
     assert main([str(MODELS / "stacked_lstm.onnx"), str(tmp_path / "seq.npy"), "--plot", str(tmp_path / "p.png"),

@@ -250,11 +250,14 @@ def test_additivity(name, seed):
 
 @pytest.mark.parametrize("name,seed", cases(rs.ALL.values()))
 def test_rows_are_independent(name, seed):
-    """Explaining one row alone gives that row's values from the batch (to float32 rounding: ONNX Runtime may
-    pick other kernels for another batch size; a batch of one is where a graph may lose its batch axis)."""
+    """Explaining one row alone gives that row's values from the batch (to float32 rounding, relative to the
+    values' own scale: ONNX Runtime may pick other kernels for another batch size — the forward pass runs on
+    samples and references stacked, so a lone row changes the batch — and a batch of one is where a graph may
+    lose its batch axis)."""
     r = run(name, seed)
     for k in r.names:
-        np.testing.assert_allclose(r.alone3[k], r.values3[k][1:2], rtol=1e-6, atol=1e-7)
+        scale = np.abs(r.values3[k]).max()
+        np.testing.assert_allclose(r.alone3[k], r.values3[k][1:2], rtol=1e-6, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("name,seed", cases(rs.ALL.values()))

@@ -29,6 +29,7 @@ from onnxshap.graph.builder import Builder
 from onnxshap.graph.edit import all_names, remove_dead_nodes
 from onnxshap.lower.lowered import LoweredModel
 from onnxshap.pairs import Multiplier, PairContext, PairSizes
+from onnxshap.rules.softmax import factor_bytes_per_pair
 
 
 @dataclass
@@ -90,11 +91,14 @@ def build_augmented(plan: Plan) -> AugmentedModel:
     remove_dead_nodes(model)
     largest = max(int(np.prod(ctx.lowered.feature_shape(n), dtype=np.int64)) for n in found.variable
                   if isinstance(ctx.lowered.batch_axes.get(n), int))
+    softmax_factors = max((factor_bytes_per_pair(ctx, n) for n in found.nodes
+                           if n.op_type in ("Softmax", "LogSoftmax")), default=0)
     return AugmentedModel(
         proto=runtime.to_proto(model), inputs={name: name for name in samples},
         references={k: v.name for k, v in references.items()},
         output_index=output_index.name, values=names, prediction=prediction,
-        bytes_per_output=4 * 6 * largest, bytes_per_pair=4 * 16 * largest,  # measured: ~2-3 live pair tensors
+        bytes_per_output=4 * 6 * largest,  # measured: ~2-3 live tensors of the largest pair size
+        bytes_per_pair=4 * 16 * largest + softmax_factors,
     )
 
 
@@ -153,7 +157,8 @@ def _seeds(ctx: PairContext, outputs: list[ir.Value], output_index: ir.Value) ->
     for value in outputs:
         size = ctx.lowered.output_size(value.name)
         part = seed if len(outputs) == 1 else build.slice(seed, [offset], [offset + size], [1])
-        seeds[value.name] = build.reshape(part, [-1, *ctx.shape(value)[1:]])
+        part = build.reshape(part, [-1, *ctx.shape(value)[1:]])
+        seeds[value.name] = ctx.add(seeds.get(value.name), part)  # a tensor listed twice as output: both seeds
         offset += size
     return seeds
 

@@ -198,4 +198,4 @@ def select_outputs(lowered: LoweredModel, available: list[str], outputs) -> list
                                  f"are {', '.join(map(repr, available))}")
     if not chosen:
         raise InputDataError("the model has no float outputs that follow the batch to explain")
-    return list(dict.fromkeys(chosen))
+    return chosen

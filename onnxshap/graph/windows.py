@@ -60,34 +60,37 @@ def window_of(node: ir.Node, in_size, kernel=None) -> Window:
     return Window(kernel, strides, dilations, pads[:spatial], pads[spatial:])
 
 
-def explicit_pads(node: ir.Node, in_size, kernel, strides, dilations) -> list[int]:
-    """The node's ``pads`` with ``auto_pad`` resolved for an input of spatial size ``in_size``."""
-    spatial = len(kernel)
+def _declared_pads(node: ir.Node, spatial: int) -> list[int] | None:
+    """The pads ``auto_pad`` NOTSET (the attribute) or VALID (none) declare; None for the SAME modes."""
     auto_pad = op_attr(node, "auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", ""):
         return list(op_attr(node, "pads", [0] * (2 * spatial)))
-    if auto_pad == "VALID":
-        return [0] * (2 * spatial)
+    return [0] * (2 * spatial) if auto_pad == "VALID" else None
+
+
+def explicit_pads(node: ir.Node, in_size, kernel, strides, dilations) -> list[int]:
+    """The node's ``pads`` with ``auto_pad`` resolved for an input of spatial size ``in_size``."""
+    declared = _declared_pads(node, len(kernel))
+    if declared is not None:
+        return declared
     totals = [max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
               for size, k, s, d in zip(in_size, kernel, strides, dilations)]
-    return _split_same(totals, auto_pad)
+    return _split_same(totals, op_attr(node, "auto_pad"))
 
 
 def conv_transpose_pads(node: ir.Node, in_size, kernel) -> list[int] | None:
     """ConvTranspose's ``auto_pad`` as explicit pads: SAME makes the output ``in · stride`` and splits
     ``total = s·(in − 1) + output_padding + (k − 1)·d + 1 − in·s``; None where that total is negative."""
     spatial = len(kernel)
-    auto_pad = op_attr(node, "auto_pad", "NOTSET")
-    if auto_pad in ("NOTSET", ""):
-        return list(op_attr(node, "pads", [0] * (2 * spatial)))
-    if auto_pad == "VALID":
-        return [0] * (2 * spatial)
+    declared = _declared_pads(node, spatial)
+    if declared is not None:
+        return declared
     strides = list(op_attr(node, "strides", [1] * spatial))
     dilations = list(op_attr(node, "dilations", [1] * spatial))
     extra = list(op_attr(node, "output_padding", [0] * spatial))
     totals = [s * (size - 1) + e + (k - 1) * d + 1 - size * s
               for size, k, s, d, e in zip(in_size, kernel, strides, dilations, extra)]
-    return None if any(t < 0 for t in totals) else _split_same(totals, auto_pad)
+    return None if any(t < 0 for t in totals) else _split_same(totals, op_attr(node, "auto_pad"))
 
 
 def _split_same(totals: list[int], auto_pad: str) -> list[int]:

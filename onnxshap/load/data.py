@@ -57,6 +57,20 @@ def as_feeds(data, input_names: Sequence[str], what: str) -> dict[str, np.ndarra
     return arrays
 
 
+def check_shape(name: str, shape: tuple[int, ...], expected: tuple, what: str) -> None:
+    """Refuse ``shape`` (rows first) unless it has the rank and the fixed feature dims of ``expected``."""
+    described = f"(rows, {', '.join(str(d) if d else '?' for d in expected)})"
+    if len(shape) != len(expected) + 1:
+        raise InputDataError(f"{what} for input {name!r} has shape {tuple(shape)} (rank {len(shape)}); the "
+                             f"model expects rank {len(expected) + 1}: {described}")
+    for axis, (got, want) in enumerate(zip(shape[1:], expected), start=1):
+        if want is not None and got != want:
+            raise InputDataError(f"{what} for input {name!r} has shape {tuple(shape)}; axis {axis} should be "
+                                 f"{want} (model input shape: {described})")
+    if shape[0] == 0:
+        raise InputDataError(f"{what} for input {name!r} has no rows")
+
+
 def check_feeds(arrays: dict[str, np.ndarray], expected: dict[str, tuple], dtypes: dict[str, np.dtype],
                 what: str) -> dict[str, np.ndarray]:
     """Check rank, feature shape, dtype and finiteness; convert floats to the model's float type.
@@ -70,27 +84,16 @@ def check_feeds(arrays: dict[str, np.ndarray], expected: dict[str, tuple], dtype
     checked = {}
     rows = {name: a.shape[0] if a.ndim else None for name, a in arrays.items()}
     for name, array in arrays.items():
-        shape = expected[name]
-        if array.ndim != len(shape) + 1:
-            raise InputDataError(
-                f"{what} for input {name!r} has shape {array.shape} (rank {array.ndim}); the model expects "
-                f"rank {len(shape) + 1}: (rows, {', '.join(str(d) if d else '?' for d in shape)})")
-        for axis, (got, want) in enumerate(zip(array.shape[1:], shape), start=1):
-            if want is not None and got != want:
-                raise InputDataError(
-                    f"{what} for input {name!r} has shape {array.shape}; axis {axis} should be {want} "
-                    f"(model input shape: (rows, {', '.join(str(d) if d else '?' for d in shape)}))")
-        if array.shape[0] == 0:
-            raise InputDataError(f"{what} for input {name!r} has no rows")
+        check_shape(name, array.shape, expected[name], what)
         model_dtype = np.dtype(dtypes[name])
+        if np.iscomplexobj(array):
+            raise InputDataError(f"{what} for input {name!r} holds complex values ({array.dtype}); complex "
+                                 "values cannot be explained (pass real and imaginary parts as separate real "
+                                 "features)")
         if np.issubdtype(model_dtype, np.floating):
             if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
                 raise InputDataError(f"{what} for input {name!r} has dtype {array.dtype}; expected numbers")
-            array = np.ascontiguousarray(array, dtype=model_dtype)
-            bad = ~np.isfinite(array)
-            if bad.any():
-                row = int(np.argwhere(bad)[0][0])
-                raise InputDataError(f"{what} for input {name!r} contains NaN or Inf (first at row {row})")
+            array = _to_float(array, model_dtype, f"{what} for input {name!r}")
         elif array.dtype != model_dtype:
             if not np.can_cast(array.dtype, model_dtype, casting="same_kind"):
                 raise InputDataError(f"{what} for input {name!r} has dtype {array.dtype}; the model expects "
@@ -100,6 +103,23 @@ def check_feeds(arrays: dict[str, np.ndarray], expected: dict[str, tuple], dtype
     if len(set(rows.values())) > 1:
         raise InputDataError(f"{what}: inputs have different numbers of rows: {rows}")
     return checked
+
+
+def _to_float(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
+    """``array`` as the model's float type; refuses NaN/Inf, and values that only overflow in the cast."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = np.ascontiguousarray(array, dtype=dtype)
+    bad = ~np.isfinite(converted)
+    if not bad.any():
+        return converted
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    original = array[first]
+    if np.isfinite(original):
+        limit = float(np.finfo(dtype).max)
+        raise InputDataError(f"{where} has values that exceed the {np.dtype(dtype).name} range "
+                             f"(±{limit:.4g}), first {float(original):.6g} at row {first[0]}; rescale the "
+                             "data")
+    raise InputDataError(f"{where} contains NaN or Inf (first at row {first[0]})")
 
 
 def feeds(data, model: Signature, what: str, like: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -112,6 +132,7 @@ def feeds(data, model: Signature, what: str, like: dict[str, np.ndarray] | None 
         like: feeds whose row shape ``data`` must match (the background: the model was lowered for it).
     """
     checked = check_feeds(as_feeds(data, model.inputs, what), model.feature_shapes, model.dtypes, what)
+    check_index_bounds(checked, model.index_bounds, what)
     for name, array in checked.items():
         reference = (like or {}).get(name)
         if reference is not None and array.shape[1:] != reference.shape[1:]:
@@ -129,3 +150,18 @@ def first_array(data):
     if isinstance(data, (list, tuple)):
         return [to_numpy(v, "background") for v in data]
     return to_numpy(data, "background")
+
+
+def check_index_bounds(arrays: dict[str, np.ndarray], bounds: dict[str, tuple[int, str]], what: str) -> None:
+    """Refuse integer indices (token ids) outside ``[-size, size - 1]`` of the table a Gather reads."""
+    for name, (size, node) in bounds.items():
+        array = arrays.get(name)
+        if array is None or not np.issubdtype(array.dtype, np.integer):
+            continue
+        bad = (array < -size) | (array >= size)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InputDataError(
+                f"{what} for input {name!r} has index {int(array[where])} at row {where[0]}, outside the "
+                f"{size} rows of the table that node {node!r} gathers from (valid: {-size}..{size - 1}; an "
+                "out-of-range token id?)")

@@ -11,38 +11,52 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxshap.errors import ModelLoadError, first_line
+from onnxshap.files.read import load_external_data, read_model_bytes, refuse_external_data
 
 MIN_OPSET = 17  # emitted ops (ScatterElements reduction, Split with an input, ...) need it
 
 
-def load_model(model) -> onnx.ModelProto:
+def load_model(model, max_bytes: int | None = None, read_files: list[Path] | None = None) -> onnx.ModelProto:
     """Read ``model`` (path, bytes or ``onnx.ModelProto``) into a checked ModelProto with opset >= 17.
 
+    A path must be a regular file; it and its external data (read only from regular files inside the model's
+    folder) are capped at ``max_bytes`` (default ``ONNXSHAP_MAX_MODEL_BYTES`` or 4 GiB, see
+    :mod:`onnxshap.files`). Bytes and protos have no folder, so external-data references in them are refused.
+
+    Args:
+        model: the model.
+        max_bytes: byte cap for a model read from a path.
+        read_files: when given, the paths of the files read (the model, its external data) are appended.
+
     Raises:
-        ModelLoadError: missing file, not an ONNX file, truncated file, external data outside the folder.
+        ModelLoadError: missing or non-regular file, too large, not an ONNX file, truncated file, external
+            data outside the folder or without a folder.
     """
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         where = "model"
+        refuse_external_data(proto, where)
     elif isinstance(model, (bytes, bytearray)):
         proto = _parse(bytes(model), "model bytes")
         where = "model bytes"
+        refuse_external_data(proto, where)
     elif isinstance(model, (str, os.PathLike)):
         path = Path(model)
         where = str(path)
-        if not path.exists():
-            raise ModelLoadError(f"model file not found: {path}")
         if path.is_dir():
             raise ModelLoadError(f"model path is a folder, not an .onnx file: {path}")
-        proto = _parse(path.read_bytes(), str(path))
-        _load_external_data(proto, path)
+        proto = _parse(read_model_bytes(path, max_bytes), str(path))
+        external = load_external_data(proto, path, max_bytes)
+        if read_files is not None:
+            read_files.extend([path, *external])
     else:
         raise ModelLoadError(
             f"cannot read a model from {type(model).__name__}: pass a path, bytes or onnx.ModelProto "
             "(torch modules and Keras models go through onnxshap.DeepExplainer, which converts them)"
         )
     _check(proto, where)
+    proto.ir_version = max(proto.ir_version, 4)  # IR 3 lists weights as inputs; dropping them needs IR >= 4
     return _upgrade_opset(proto, where)
 
 
@@ -51,38 +65,25 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"not an ONNX model (or truncated): {where}: {exc}") from None
+        raise ModelLoadError(f"not an ONNX model (or truncated): {where}: {first_line(exc)}") from None
     return proto
 
 
 def _check(proto: onnx.ModelProto, where: str) -> None:
+    """ONNX's checker, except that graph outputs may lack a shape (ONNX Runtime runs such models)."""
     if proto.ir_version <= 0 or not proto.graph.output or not proto.opset_import:
         raise ModelLoadError(f"not an ONNX model (or truncated): {where}: no graph outputs or opset")
+    shapeless = [o.type.tensor_type for o in proto.graph.output
+                 if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
+    for tensor_type in shapeless:
+        tensor_type.shape.SetInParent()  # for the checker only: removed again below
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise ModelLoadError(f"invalid ONNX model: {where}: {first_line(exc)}") from None
-
-
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    folder = path.resolve().parent
-    for tensor in _get_all_tensors(proto):
-        if not uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if folder not in target.parents:
-            raise ModelLoadError(
-                f"external data of tensor {tensor.name!r} points outside the model's folder: {location!r}"
-            )
-        if not target.exists():
-            raise ModelLoadError(f"external data file of tensor {tensor.name!r} not found: {target}")
-    try:
-        onnx.load_external_data_for_model(proto, str(folder))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read external data of {path}: {exc}") from None
+    finally:
+        for tensor_type in shapeless:
+            tensor_type.ClearField("shape")
 
 
 def _upgrade_opset(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
@@ -93,7 +94,7 @@ def _upgrade_opset(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
         return onnx.version_converter.convert_version(proto, MIN_OPSET)
     except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
         raise ModelLoadError(
-            f"{where}: opset {opset} could not be converted to opset {MIN_OPSET} ({exc}); "
+            f"{where}: opset {opset} could not be converted to opset {MIN_OPSET} ({first_line(exc)}); "
             f"re-export the model with opset >= {MIN_OPSET}"
         ) from None
 
@@ -107,12 +108,15 @@ class Signature:
         feature_shapes: per input, the dims after the batch axis (None where dynamic).
         dtypes: per input, the numpy dtype the model takes.
         outputs: names of the graph outputs.
+        index_bounds: integer inputs used as Gather indices into a constant table (token ids into an
+            embedding): input name → (rows of the table, node name).
     """
 
     inputs: list[str]
     feature_shapes: dict[str, tuple]
     dtypes: dict[str, np.dtype]
     outputs: list[str]
+    index_bounds: dict[str, tuple[int, str]]
 
 
 def signature(proto: onnx.ModelProto) -> Signature:
@@ -124,9 +128,30 @@ def signature(proto: onnx.ModelProto) -> Signature:
         feature_shapes={i.name: _feature_shape(i) for i in graph_inputs},
         dtypes={i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in graph_inputs},
         outputs=[o.name for o in proto.graph.output],
+        index_bounds=index_bounds(proto),
     )
 
 
 def _feature_shape(value_info: onnx.ValueInfoProto) -> tuple:
     dims = value_info.type.tensor_type.shape.dim
     return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:])
+
+
+def index_bounds(proto) -> dict[str, tuple[int, str]]:
+    """Integer graph inputs used as ``Gather`` indices into a constant table (an embedding): input name →
+    (rows of the table along the gathered axis, node name). Followed through Cast and Identity."""
+    tables = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    source = {i.name: i.name for i in proto.graph.input if i.name not in tables}
+    bounds: dict[str, tuple[int, str]] = {}
+    for node in proto.graph.node:
+        if node.op_type in ("Cast", "Identity") and node.input and node.input[0] in source:
+            source[node.output[0]] = source[node.input[0]]
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in source \
+                and node.input[0] in tables:
+            dims = tables[node.input[0]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if dims and -len(dims) <= axis < len(dims):
+                name = source[node.input[1]]
+                size = (dims[axis], node.name or node.output[0])
+                bounds[name] = min(bounds.get(name, size), size)
+    return bounds

@@ -2,8 +2,17 @@
 
 For a window with maxima ``z_x`` (sample) and ``z_r`` (reference) and ``c = max(z_x, z_r)``, route
 ``M_z ⊙ (c − z_r)`` to the argmax of the x window and ``M_z ⊙ (z_x − c)`` to the argmax of the r window
-(overlapping windows add up), then divide by ``Δa`` (zero where ``|Δa| < 1e-7``, where nothing is routed).
-Summed over a window the routed amounts are ``z_x − z_r = Δz``, so the rule is additive by construction.
+(overlapping windows add up), then divide by ``Δa``. Summed over a window the routed amounts are
+``z_x − z_r = Δz``, so the rule is additive by construction.
+
+No threshold decides anything, so the rule is scale-equivariant. The amount routed to an element is never larger
+than its ``|Δa|``, also in float32: at the x argmax ``a_x = z_x`` and ``a_r ≤ z_r``, so
+``fl(z_x − a_r) ≥ fl(z_x − z_r) = fl(c − z_r)`` when ``z_x ≥ z_r`` (rounding is monotonic) and the amount is 0
+otherwise; the r argmax is the mirror image. Where ``Δa`` is exactly 0 the amount is exactly 0
+(``z_x = a_r ≤ z_r`` gives ``c = z_r``), so the quotient is taken with ``Δa`` replaced by 1 there and is 0; where
+``Δa`` is tiny but not zero the amount is as tiny and the quotient (at most 1 per window sharing the element) is
+exact — dropping it below an absolute cut, as this rule once did at ``|Δa| < 1e-7``, broke additivity for inputs
+in small units.
 For min-type ops ``c = min(z_x, z_r)`` and the argmin; the same formulas hold.
 
 MaxPool windows that tile the input (stride = kernel, the common case) are a reshape of it, so the routing
@@ -24,7 +33,6 @@ from onnxshap.pairs import PairContext
 from onnxshap.rules.linear import reduce_axes, reduce_check
 from onnxshap.rules.table import Family, rule
 
-TINY_DELTA = 1e-7
 LOWEST = float(np.finfo(np.float32).min)
 
 
@@ -36,13 +44,12 @@ def _cross_weights(ctx: PairContext, z: ir.Value, minimum: bool):
     return e.op("Sub", [c, z_r]), e.op("Sub", [z_x, c])
 
 
-def _inverse_delta(ctx: PairContext, a: ir.Value) -> ir.Value:
-    """Per pair ``1/Δa``, and 0 where ``|Δa| < 1e-7`` (nothing is routed there)."""
+def _per_delta(ctx: PairContext, routed: ir.Value, a: ir.Value) -> ir.Value:
+    """``routed / Δa`` per pair, expanded; 0 where ``Δa`` is exactly 0 (the routed amount is exactly 0 there)."""
     e = ctx.build
     delta = ctx.pair_delta(a)
-    tiny = e.op("Less", [e.op("Abs", [delta]), e.scalar(TINY_DELTA)])
-    safe = e.op("Where", [tiny, e.scalar(1.0), delta])
-    return e.op("Where", [tiny, e.scalar(0.0), e.op("Reciprocal", [safe])], hint="inverse_delta")
+    safe = e.op("Where", [e.op("Equal", [delta, e.scalar(0.0)]), e.scalar(1.0), delta], hint="safe_delta")
+    return e.op("Div", [routed, safe], hint="per_delta")
 
 
 def _maxpool_check(ctx: PairContext, node: ir.Node) -> str | None:
@@ -120,7 +127,7 @@ def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir
     to_r = e.reshape(spread(e.reshape(to_r, flat_pairs)), full_pairs)
     routed = e.op("Add", [e.op("Mul", [to_x, e.unsqueeze(first_max_onehot("x"), [1, 2])]),
                           e.op("Mul", [to_r, e.unsqueeze(first_max_onehot("r"), [0, 2])])])
-    factor = e.op("Mul", [routed, _inverse_delta(ctx, a)], hint="window_factor")
+    factor = _per_delta(ctx, routed, a)
     return ctx.scale(spread(multiplier), factor, a)
 
 
@@ -163,7 +170,7 @@ def _overlapping_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value)
     if any(output_padding):
         col2im["output_padding"] = output_padding
     summed = e.op("ConvTranspose", [columns, weight], col2im, hint="col2im")
-    per_pair = e.op("Mul", [ctx.expand(summed, a), _inverse_delta(ctx, a)])
+    per_pair = _per_delta(ctx, ctx.expand(summed, a), a)
     return ctx.collapse(per_pair, a)
 
 
@@ -196,7 +203,7 @@ def reduce_max(ctx: PairContext, node: ir.Node, outs):
         expanded_axes = [i + 2 if i > b else i for i in axes]
         m_z, to_x, to_r = (e.unsqueeze(v, expanded_axes) for v in (m_z, to_x, to_r))
     routed = e.op("Add", [e.op("Mul", [to_x, onehot_x]), e.op("Mul", [to_r, onehot_r])])
-    per_pair = e.op("Mul", [m_z, e.op("Mul", [routed, _inverse_delta(ctx, a)])])
+    per_pair = e.op("Mul", [m_z, _per_delta(ctx, routed, a)])
     return [ctx.collapse(per_pair, a)]
 
 

@@ -18,6 +18,7 @@ With one variable input Mul/Div/MatMul are linear and go to the linear rules.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxshap.pairs import PairContext
@@ -47,16 +48,28 @@ def mul(ctx: PairContext, node: ir.Node, outs):
 
 
 def div(ctx: PairContext, node: ir.Node, outs):
+    """``z = a / b``: ``M_a = M_z ⊙ ½(1/b_x + 1/b_r)``, ``M_b = −M_z ⊙ ((a_x + a_r)/2 / b_x) / b_r``.
+
+    The per-pair factors are float64 (cast back to float32 once): ``b_x·b_r`` leaves float32's range at
+    ``|b| ≈ 1e19`` (or 1e-19) although ``z`` is moderate, and dividing twice keeps every intermediate at the
+    size of ``z``.
+    """
     a, b = node.inputs
     if not ctx.is_variable(b):
         return scale_by_constant(ctx, node, outs[0])
     e, z = ctx.build, node.outputs[0]
-    bx, br = ctx.pair_x(b), ctx.pair_r(b)
-    factor_a = e.op("Mul", [e.op("Add", [e.op("Reciprocal", [bx]), e.op("Reciprocal", [br])]), e.scalar(0.5)])
-    numerator = ctx.pair_mean(a) if ctx.is_variable(a) else ctx.pair_constant(a, like=z)
-    factor_b = e.op("Neg", [e.op("Div", [numerator, e.op("Mul", [bx, br])])])
-    m_a = ctx.scale(outs[0], factor_a, z) if ctx.is_variable(a) else None
-    return [m_a, ctx.scale(outs[0], factor_b, z)]
+
+    def wide(value: ir.Value) -> ir.Value:
+        return e.cast(value, ir.DataType.DOUBLE)
+
+    bx, br = wide(ctx.pair_x(b)), wide(ctx.pair_r(b))
+    half = e.scalar(0.5, np.float64)
+    factor_a = e.op("Mul", [e.op("Add", [e.op("Reciprocal", [bx]), e.op("Reciprocal", [br])]), half])
+    numerator = e.op("Mul", [e.op("Add", [wide(ctx.pair_x(a)), wide(ctx.pair_r(a))]), half]) \
+        if ctx.is_variable(a) else wide(ctx.pair_constant(a, like=z))
+    factor_b = e.op("Neg", [e.op("Div", [e.op("Div", [numerator, bx]), br])])
+    m_a = ctx.scale(outs[0], e.cast(factor_a, ir.DataType.FLOAT), z) if ctx.is_variable(a) else None
+    return [m_a, ctx.scale(outs[0], e.cast(factor_b, ir.DataType.FLOAT), z)]
 
 
 def _bilinear_check(ctx: PairContext, node: ir.Node) -> str | None:

@@ -45,7 +45,7 @@ class Family(enum.Enum):
     BILINEAR = "`M_A = M_Z·((B_x + B_r)/2)ᵀ` (linear when one side is constant)"
     SHAPLEY = "2-player Shapley from the four corners"
     MAX_TYPE = "cross-max routing to each window's argmax"
-    SOFTMAX = "exp → rescale, sum → linear, div → division, shared shift"
+    SOFTMAX = "logistic form `y_k = 1/(1 + Σ_{j≠k} e^{a_j − a_k})`: per-pair K×K factors, float64 where they cancel"
     ZERO = "no multiplier flows"
     LOWERED = "rewritten into the ops above before the sweep"
 

@@ -1,0 +1,110 @@
+"""The additivity check: the SHAP values of every row must add up to its output's change, or we raise.
+
+For row ``i`` and explained output ``o``, with ``Δf = f_o(x_i) − E f_o`` (the prediction minus the expected value
+over the background) and ``S = Σ φ`` (over every feature of every explained tensor), the error is measured
+relative to the output's own scale:
+
+    error = |S − Δf| / scale,    scale = max(|Δf|, ROUNDING / TOLERANCE · (Σ|φ| + |f_o(x_i)| + E|f_o|), TINY)
+
+and the row fails when ``error > TOLERANCE`` (1e-4), i.e. when ``|S − Δf|`` exceeds both ``1e-4 · |Δf|`` and
+``ROUNDING · (Σ|φ| + |f(x)| + E|f|)`` with ``ROUNDING = 1e-6`` (about 8 float32 ulp). The second term is the float32
+rounding the comparison itself carries: each (sample, reference) pair's values add up to ``f(x) − f(r)``, float32
+numbers rounded relative to ``|f(x)| + |f(r)|`` (``E|f|`` is the mean of ``|f_o(r)|`` over the background: a
+Ceil whose background outputs are 1, 0 and −1 has ``E f = 0`` but pair values of size 1), and the values are
+float32 numbers whose sum may cancel (LogSoftmax of a shifted row: ``Σ|φ| ≈ 90`` for ``Δy ≈ 0``; legitimate
+errors there are ~1e-5). Nothing in it is absolute, so
+
+- a model whose outputs barely move is still checked: ``f ≈ 1``, ``Δf = 1e-5``, values of size ``Δf``: a value set
+  that is 100 % wrong (``S = 2Δf`` or ``S = 0``) misses by ``1e-5`` against a tolerance of ``2e-6``;
+- rescaling the model's output by any power of ten rescales every term alike;
+- ``TINY`` (the smallest normal float64) only keeps ``0/0`` away when everything is exactly zero.
+
+NaN or Inf anywhere in the values, the predictions or the expected values is an error of its own (always, even
+when the tolerance check is switched off): NaN is never a result, and ``NaN > tol`` is False.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxshap.errors import AdditivityError
+
+TOLERANCE = 1e-4
+ROUNDING = 1e-6
+TINY = float(np.finfo(np.float64).tiny)
+
+
+def _sums(values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(Σφ, Σ|φ|)`` per row and output, in float64, from arrays ``(n, *features, k)``."""
+    flat = [v.reshape(v.shape[0], -1, v.shape[-1]).astype(np.float64) for v in values]
+    return sum(f.sum(axis=1) for f in flat), sum(np.abs(f).sum(axis=1) for f in flat)
+
+
+def additivity_errors(values: list[np.ndarray], predictions: np.ndarray, base: np.ndarray,
+                      base_magnitude: np.ndarray | None = None) -> np.ndarray:
+    """Per row and output: ``|Σφ − Δf| / scale`` (see the module docstring); NaN where anything is not finite.
+
+    Args:
+        values: per explained tensor, the SHAP values ``(n, *features, k)``.
+        predictions: ``f_o(x)`` per row and explained output, ``(n, k)``.
+        base: ``E f_o`` per row and explained output, ``(n, k)``.
+        base_magnitude: ``E|f_o|`` over the background, like ``base`` (default ``|base|``).
+    """
+    total, magnitude = _sums(values)
+    predictions, base = np.asarray(predictions, np.float64), np.asarray(base, np.float64)
+    base_magnitude = np.abs(base) if base_magnitude is None else np.asarray(base_magnitude, np.float64)
+    change = predictions - base
+    scale = np.maximum(np.abs(change), ROUNDING / TOLERANCE * (magnitude + np.abs(predictions) + base_magnitude))
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.abs(total - change) / np.maximum(scale, TINY)
+    return np.where(np.isfinite(total) & np.isfinite(magnitude) & np.isfinite(change), error, np.nan)
+
+
+def check_additivity(values: list[np.ndarray], predictions: np.ndarray, base: np.ndarray,
+                     base_magnitude: np.ndarray | None = None, output_names: list[str] | None = None,
+                     indices: np.ndarray | None = None, enforce: bool = True) -> np.ndarray:
+    """The per-row error (max over outputs); raises :class:`AdditivityError` naming the first bad row.
+
+    Non-finite values, predictions or expected values always raise; the tolerance only when ``enforce``.
+
+    Args:
+        values, predictions, base, base_magnitude: as for :func:`additivity_errors`.
+        output_names: labels of the model's outputs (for the message), indexed by ``indices``.
+        indices: ``(n, k)`` the model output each column explains (default: column number).
+    """
+    errors = additivity_errors(values, predictions, base, base_magnitude)
+    _raise_if_not_finite(values, predictions, base, errors, output_names, indices)
+    per_row = errors.max(axis=1) if errors.size else np.zeros(errors.shape[0])
+    if enforce and per_row.size and (per_row > TOLERANCE).any():
+        row = int(np.argmax(per_row > TOLERANCE))
+        column = int(errors[row].argmax())
+        total = sum(v[row, ..., column].astype(np.float64).sum() for v in values)
+        change = float(predictions[row, column]) - float(base[row, column])
+        raise AdditivityError(
+            f"SHAP values do not add up: row {row}, output {_label(row, column, output_names, indices)}: sum of values "
+            f"{total:.6g} vs f(x) - E[f(background)] = {change:.6g} (relative error {per_row[row]:.3g} > "
+            f"{TOLERANCE:g}); please report this model")
+    return per_row
+
+
+def _raise_if_not_finite(values, predictions, base, errors, output_names, indices) -> None:
+    bad = np.isnan(errors)
+    if not bad.any():
+        return
+    row, column = (int(i) for i in np.argwhere(bad)[0])
+    where = f"row {row}, output {_label(row, column, output_names, indices)}"
+    if not np.isfinite(base[row, column]):
+        what = f"the expected value E[f(background)] is {base[row, column]}"
+    elif not np.isfinite(predictions[row, column]):
+        what = f"the prediction f(x) is {predictions[row, column]}"
+    else:
+        what = "the SHAP values contain NaN or Inf"
+    raise AdditivityError(f"non-finite result: {where}: {what}; NaN/Inf is never returned "
+                          "(check the model and the data for overflow, log/sqrt of negatives, division by zero)")
+
+
+def _label(row: int, column: int, output_names, indices) -> str:
+    index = int(indices[row, column]) if indices is not None else column
+    if output_names is not None and index < len(output_names):
+        return f"{index} ({output_names[index]!r})" if output_names[index] != str(index) else str(index)
+    return str(index)
