@@ -515,6 +515,7 @@ ELEMENTWISE: list[Spec] = [
     Spec("sqrt_of_relu", lambda g: g("Sqrt", g("Relu", g.input("x", 2, 3))), KINK0),
     Spec("sin", unary("Sin"), away(low=-3, high=3)),
     Spec("cos", unary("Cos"), away(low=-3, high=3)),
+    Spec("tan", unary("Tan"), away(low=-1.2, high=1.2)),
     Spec("clip_min_max", unary("Clip", inputs=[np.float32(-0.5), np.float32(0.8)]), away(-0.5, 0.8)),
     Spec("clip_max_only", unary("Clip", inputs=[None, np.float32(0.8)]), away(0.8)),
     Spec("pow_const_exponent", unary("Pow", inputs=[np.float32(2.5)]), positive),

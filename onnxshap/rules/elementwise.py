@@ -210,6 +210,7 @@ OPS = [
     elementwise("Abs", lambda b, n, ins, y: [b.op("Sign", [ins[0]])]),
     elementwise("Sin", lambda b, n, ins, y: [b.op("Cos", [ins[0]])]),
     elementwise("Cos", lambda b, n, ins, y: [b.op("Neg", [b.op("Sin", [ins[0]])])]),
+    elementwise("Tan", lambda b, n, ins, y: [b.op("Add", [_one(b), b.op("Mul", [y, y])])]),
     elementwise("Clip", d_clip),
     *(elementwise(op, d_none) for op in (
         "Floor", "Ceil", "Round", "Sign", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Not",
