@@ -89,9 +89,30 @@ class PairContext:
     def dtype(self, value: ir.Value) -> np.dtype:
         return self.lowered.dtypes[value.name]
 
+    def split(self, value: ir.Value) -> tuple[int, int]:
+        """``(outer, inner)``: the batch axis has size ``outer · rows · inner`` (``(1, 1)``: a plain batch axis)."""
+        return self.lowered.split(value.name)
+
+    def merged(self, value: ir.Value) -> bool:
+        return self.split(value) != (1, 1)
+
+    def expanded_rank(self, value: ir.Value) -> int:
+        """Rank of the expanded form: ``(n, m, k)`` replace the batch — ``(o, n, m, k, i)`` a merged one."""
+        return self.rank(value) + (4 if self.merged(value) else 2)
+
     def expanded_axis(self, value: ir.Value, axis: int) -> int:
-        """Where axis ``axis`` of ``value`` sits in the expanded form (two axes follow the batch)."""
-        return axis + 2 if axis > self.batch_axis(value) else axis
+        """Where axis ``axis`` of ``value`` (not its batch axis) sits in the expanded form."""
+        b = self.batch_axis(value)
+        assert axis != b, f"axis {axis} of {value.name} holds the batch"
+        return axis + self.expanded_rank(value) - self.rank(value) if axis > b else axis
+
+    def _around_batch(self, value: ir.Value) -> tuple[list[int], list[int]]:
+        """The static dims before and after the rows in the expanded form (``o``/``i`` of a merged axis too)."""
+        b, shape = self.batch_axis(value), self.shape(value)
+        outer, inner = self.split(value)
+        if self.merged(value):
+            return [*shape[:b], outer], [inner, *shape[b + 1:]]
+        return list(shape[:b]), list(shape[b + 1:])
 
     def _cached(self, key: tuple, make):
         if key not in self._cache:
@@ -115,17 +136,24 @@ class PairContext:
         """The sample side (n rows) of a variable tensor; a constant tensor is its own."""
         if not self.is_variable(value):
             return self.const(value)
-        b = self.batch_axis(value)
-        return self._cached(("x", value.name), lambda: self.build.slice(
-            value, self.build.ints([0]), self.sizes.n, [b], hint="x"))
+        return self._cached(("x", value.name), lambda: self._rows(value, self.build.ints([0]), self.sizes.n, "x"))
 
     def r(self, value: ir.Value) -> ir.Value:
         """The reference side (m rows) of a variable tensor; a constant tensor is its own."""
         if not self.is_variable(value):
             return self.const(value)
-        b = self.batch_axis(value)
-        return self._cached(("r", value.name), lambda: self.build.slice(
-            value, self.sizes.n, self.build.ints([INT64_MAX]), [b], hint="r"))
+        return self._cached(("r", value.name), lambda: self._rows(
+            value, self.sizes.n, self.build.ints([INT64_MAX]), "r"))
+
+    def _rows(self, value: ir.Value, start: ir.Value, end: ir.Value, hint: str) -> ir.Value:
+        """Rows ``start:end`` of the stacked ``[X; R]`` forward tensor (of the batch factor of a merged axis)."""
+        b, shape = self.batch_axis(value), self.shape(value)
+        if not self.merged(value):
+            return self.build.slice(value, start, end, [b], hint=hint)
+        before, after = self._around_batch(value)
+        split = self.build.reshape(value, [*before, -1, *after])
+        rows = self.build.slice(split, start, end, [len(before)], hint=hint)
+        return self.build.reshape(rows, [*shape[:b], -1, *shape[b + 1:]])
 
     def side(self, value: ir.Value, which: str) -> ir.Value:
         """``x(value)`` or ``r(value)`` by name of the side ("x" or "r")."""
@@ -135,15 +163,23 @@ class PairContext:
         """Sample values broadcastable against an expanded tensor: (n, 1, 1) at the batch position."""
         if not self.is_variable(value):
             return self.pair_constant(value)
-        b = self.batch_axis(value)
-        return self._cached(("pair_x", value.name), lambda: self.build.unsqueeze(self.x(value), [b + 1, b + 2]))
+        return self._cached(("pair_x", value.name), lambda: self.as_pairs(self.x(value), value, "x"))
 
     def pair_r(self, value: ir.Value) -> ir.Value:
         """Reference values broadcastable against an expanded tensor: (1, m, 1) at the batch position."""
         if not self.is_variable(value):
             return self.pair_constant(value)
-        b = self.batch_axis(value)
-        return self._cached(("pair_r", value.name), lambda: self.build.unsqueeze(self.r(value), [b, b + 2]))
+        return self._cached(("pair_r", value.name), lambda: self.as_pairs(self.r(value), value, "r"))
+
+    def as_pairs(self, side: ir.Value, like: ir.Value, which: str) -> ir.Value:
+        """A tensor laid out like ``like``'s sample (``which="x"``) or reference side, as (n, 1, 1) or (1, m, 1)
+        at the batch position of the expanded form."""
+        if not self.merged(like):
+            b = self.batch_axis(like)
+            return self.build.unsqueeze(side, [b + 1, b + 2] if which == "x" else [b, b + 2])
+        before, after = self._around_batch(like)
+        rows = [-1, 1, 1] if which == "x" else [1, -1, 1]
+        return self.build.reshape(side, [*before, *rows, *after])
 
     def pair_side(self, value: ir.Value, which: str) -> ir.Value:
         return self.pair_x(value) if which == "x" else self.pair_r(value)
@@ -162,9 +198,7 @@ class PairContext:
     def pair_average(self, x_side: ir.Value, r_side: ir.Value, like: ir.Value) -> ir.Value:
         """``(x_side + r_side) / 2`` per pair, for tensors computed separately on the sample side (n rows)
         and the reference side (m rows) in ``like``'s layout: the end-point average of a slope."""
-        b = self.batch_axis(like)
-        total = self.build.op("Add", [self.build.unsqueeze(x_side, [b + 1, b + 2]),
-                                      self.build.unsqueeze(r_side, [b, b + 2])])
+        total = self.build.op("Add", [self.as_pairs(x_side, like, "x"), self.as_pairs(r_side, like, "r")])
         return self.build.op("Mul", [total, self.build.scalar(0.5)], hint="pair_average")
 
     def pair_constant(self, value: ir.Value, like: ir.Value | None = None) -> ir.Value:
@@ -182,7 +216,8 @@ class PairContext:
         if len(shape) <= rank - b - 1:
             return value  # only covers axes after the batch: broadcasts as is
         padded = (1,) * (rank - len(shape)) + tuple(shape)
-        return self.build.reshape(value, list(padded[: b + 1] + (1, 1) + padded[b + 1:]))
+        extra = (1,) * (self.expanded_rank(like) - rank)
+        return self.build.reshape(value, list(padded[: b + 1] + extra + padded[b + 1:]))
 
     # -- multiplier layouts ---------------------------------------------------------------------------
     def shape_with_pairs(self, before: list[int], after: list[int], k: bool = True) -> ir.Value:
@@ -192,9 +227,8 @@ class PairContext:
         return self._cached(key, lambda: self.build.concat(parts, 0, hint="pair_shape"))
 
     def expand(self, multiplier: ir.Value, like: ir.Value) -> ir.Value:
-        """P-form → expanded form ``shape[:b] + (n, m, k) + shape[b+1:]``."""
-        b, shape = self.batch_axis(like), self.shape(like)
-        return self.build.reshape(multiplier, self.shape_with_pairs(list(shape[:b]), list(shape[b + 1:])))
+        """P-form → expanded form ``shape[:b] + (n, m, k) + shape[b+1:]`` (``(o, n, m, k, i)`` when merged)."""
+        return self.build.reshape(multiplier, self.shape_with_pairs(*self._around_batch(like)))
 
     def collapse(self, expanded: ir.Value, like: ir.Value) -> ir.Value:
         """Expanded form → P-form of ``like``'s shape."""
@@ -248,7 +282,10 @@ class PairContext:
     def zeros(self, like: ir.Value) -> ir.Value:
         """A P-form zero multiplier for ``like``."""
         b, shape = self.batch_axis(like), self.shape(like)
-        target = self.build.concat([self.build.ints(shape[:b]), self.pair_rows(), self.build.ints(shape[b + 1:])], 0)
+        outer, inner = self.split(like)
+        rows = self.pair_rows() if not self.merged(like) else self.build.op(
+            "Mul", [self.pair_rows(), self.build.ints([outer * inner])])
+        target = self.build.concat([self.build.ints(shape[:b]), rows, self.build.ints(shape[b + 1:])], 0)
         return self.build.op("Expand", [self.build.const(np.zeros(1, np.float32), "zero"), target])
 
     def onehot(self, index: ir.Value, depth: int, axis: int = -1) -> ir.Value:

@@ -380,6 +380,8 @@ LINEAR: list[Spec] = [
     Spec("sum_mean", _sum_mean),
     Spec("mul_const_broadcast", lambda g: g("Mul", g.input("x", 3, 4), g.weight(3, 1))),
     Spec("mul_const_left", lambda g: g("Mul", g.weight(4), g.input("x", 3, 4))),
+    # tf2onnx's LayerNormalization: a (T, 1) tensor times a (D,) constant, broadcast up to (T, D)
+    Spec("mul_const_broadcasts_the_input", lambda g: g("Mul", g.input("x", 3, 1), g.weight(4))),
     Spec("div_by_const", lambda g: g("Div", g.input("x", 3, 4), g.const(g.rng.uniform(0.5, 2, (4,))))),
     Spec("matmul_const_right", lambda g: g("MatMul", g.input("x", 2, 4), g.weight(4, 5))),
     Spec("matmul_const_right_1d", lambda g: g("MatMul", g.input("x", 4), g.weight(4))),
@@ -731,5 +733,58 @@ BILINEAR: list[Spec] = [
     Spec("matmul_bilinear_4d", _matmul_bilinear((2, 2, 3), (2, 3, 2))),
 ]
 
-ALL: dict[str, Spec] = {s.name: s for s in LINEAR + ELEMENTWISE + FUSION + MAX_TYPE + SHAPLEY + BILINEAR}
-assert len(ALL) == len(LINEAR + ELEMENTWISE + FUSION + MAX_TYPE + SHAPLEY + BILINEAR), "duplicate spec names"
+# --------------------------------------------------------------------------------------------------
+# the batch merged with other axes (lower/layout.py): rows stay independent through the merge
+# --------------------------------------------------------------------------------------------------
+
+
+def _tokens_as_rows(g: Graph) -> str:
+    """A dense layer on B·T rows: (n, 3, 4) → (n·3, 4) → MatMul, ReLU → (n, 3, 5) → mean over T."""
+    rows = g("Reshape", g.input("x", 3, 4), g.ints(-1, 4))
+    hidden = g("Relu", g("Add", g("MatMul", rows, g.weight(4, 5)), g.weight(5)))
+    return g("ReduceMean", g("Reshape", hidden, g.ints(-1, 3, 5)), g.ints(1), keepdims=0)
+
+
+def _sequence_first_rows(g: Graph) -> str:
+    """Sequence-first rows (T·B, E): the batch is the inner factor (torch's attention out_proj)."""
+    seq_first = g("Transpose", g.input("x", 3, 4), perm=[1, 0, 2])
+    rows = g("Reshape", seq_first, g.ints(-1, 4))
+    projected = g("Tanh", g("MatMul", rows, g.weight(4, 2)))
+    return g("Transpose", g("Reshape", projected, g.ints(3, -1, 2)), perm=[1, 0, 2])
+
+
+def _heads_merged_attention(g: Graph) -> str:
+    """Self-attention with the heads merged into the batch, (n·2, 3, 2): QKᵀ, softmax, AV, and back."""
+    x = g.input("x", 3, 4)
+    heads = g("Reshape", g("Transpose", g("Reshape", x, g.ints(-1, 3, 2, 2)), perm=[0, 2, 1, 3]), g.ints(-1, 3, 2))
+    q = g("MatMul", heads, g.weight(2, 2))
+    k = g("MatMul", heads, g.weight(2, 2))
+    scores = g("Softmax", g("MatMul", q, g("Transpose", k, perm=[0, 2, 1])), axis=-1)
+    mixed = g("MatMul", scores, heads)
+    return g("Reshape", g("Transpose", g("Reshape", mixed, g.ints(-1, 2, 3, 2)), perm=[0, 2, 1, 3]), g.ints(-1, 3, 4))
+
+
+def _flat_rows(g: Graph) -> str:
+    """The whole tensor flattened, batch included: (n·12,), then back to rows."""
+    flat = g("Reshape", g.input("x", 3, 4), g.ints(-1))
+    return g("Reshape", g("Sigmoid", g("Mul", flat, g.const(0.7))), g.ints(-1, 12))
+
+
+def _masked_softmax(g: Graph) -> str:
+    """A causal mask of −inf added before the softmax, as attention writes it."""
+    mask = np.triu(np.full((3, 3), -np.inf), 1)
+    scores = g("MatMul", g.input("x", 3, 2), g("Transpose", g.input("y", 3, 2), perm=[0, 2, 1]))
+    return g("Softmax", g("Add", scores, g.const(mask)), axis=-1)
+
+
+MERGED: list[Spec] = [
+    Spec("softmax_masked_minus_inf", _masked_softmax),
+    Spec("merged_tokens_as_rows", _tokens_as_rows),
+    Spec("merged_sequence_first_rows", _sequence_first_rows),
+    Spec("merged_heads_attention", _heads_merged_attention),
+    Spec("merged_flat_rows", _flat_rows),
+]
+
+TABLES = LINEAR + ELEMENTWISE + FUSION + MAX_TYPE + SHAPLEY + BILINEAR + MERGED
+ALL: dict[str, Spec] = {s.name: s for s in TABLES}
+assert len(ALL) == len(TABLES), "duplicate spec names"

@@ -36,7 +36,7 @@ def region_sources(ctx: PairContext, nodes: list[ir.Node], table: dict[str, OpRu
         if len(found) != 1:
             continue
         source = next(iter(found.values()))
-        if ctx.shape(source) != ctx.shape(out) or \
+        if ctx.shape(source) != ctx.shape(out) or ctx.split(source) != ctx.split(out) or \
                 ctx.lowered.batch_axes.get(source.name) != ctx.lowered.batch_axes.get(out.name):
             continue
         if node.op_type == "Clip" and any(ctx.is_variable(v) for v in node.inputs[1:]):

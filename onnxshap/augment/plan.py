@@ -178,7 +178,8 @@ def _op_reason(ctx: PairContext, node: ir.Node, sources: dict) -> str | None:
     if node.outputs[0].name in sources and not linear_rule:
         return None  # one rescale for the whole region
     variable = sum(ctx.is_variable(v) for v in node.inputs)
-    if entry.rule is None or entry.elementwise and entry.family is not Family.LINEAR and not linear_rule and \
+    linear = variable == 1 and entry.is_linear(ctx, node)  # a broadcast variable input included: summed back
+    if entry.rule is None or entry.elementwise and entry.family is not Family.LINEAR and not linear and \
             variable != 2:
         return (f"elementwise {node.op_type} whose variable inputs come from several tensors or are broadcast to "
                 "a larger output has no exact rule")

@@ -25,9 +25,10 @@ from onnxshap.graph.edit import opset_of
 from onnxshap.lower.batch import RECURRENT_OPS, declared_batch, probe_relaxing_batch, relax_input_batch
 from onnxshap.lower.composites import REWRITES, DecomposeComposites
 from onnxshap.lower.fold import FoldBatchInvariant, value_dependent
+from onnxshap.lower.layout import BatchLayout, batch_layouts
 from onnxshap.lower.loops import LOOP_OPS, UnrollLoops
 from onnxshap.lower.lowered import LoweredModel
-from onnxshap.lower.probe import Probe, annotate, batch_axis, probe_twice
+from onnxshap.lower.probe import Probe, annotate, probe_twice
 from onnxshap.lower.recurrent import UnrollRecurrent
 
 # Ops that lowering rewrites away (the rule table lists them as "lowered").
@@ -102,14 +103,18 @@ def _verify(model: ir.Model, probe: Probe, expected: dict[str, np.ndarray]) -> N
 
 
 def _lowered(model: ir.Model, probe_a: Probe, probe_b: Probe) -> LoweredModel:
-    batch_axes = {n: batch_axis(a.shape, probe_b[n].shape) for n, a in probe_a.items()}
+    layouts = batch_layouts(model, probe_a, probe_b)
+    batch_axes = {n: layout.axis if isinstance(layout, BatchLayout) else layout for n, layout in layouts.items()}
     return LoweredModel(
         model=model,
         opset=opset_of(model),
         shapes={n: a.shape for n, a in probe_a.items()},
         batch_axes=batch_axes,
         dtypes={n: a.dtype for n, a in probe_a.items()},
-        row_constant=_row_constant(model, probe_a, probe_b, batch_axes),
+        row_constant=_row_constant(model, probe_a, probe_b, {
+            n: layout.axis for n, layout in layouts.items() if isinstance(layout, BatchLayout) and not layout.merged}),
+        batch_split={n: (layout.outer, layout.inner) for n, layout in layouts.items()
+                     if isinstance(layout, BatchLayout) and layout.merged},
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -16,7 +16,10 @@ class LoweredModel:
         model: the lowered model (primitive ops only, parameters constant).
         opset: its default-domain opset.
         shapes: static shape of every tensor at the first probe batch size, by name.
-        batch_axes: per tensor name, the batch axis, None (batch-independent) or "merged".
+        batch_axes: per tensor name, the axis that holds the batch, None (batch-independent) or "merged" (the
+            rows mix: no layout).
+        batch_split: per tensor whose batch axis is merged with others, ``(outer, inner)``: that axis has size
+            ``outer · B · inner`` (``lower/layout.py``); absent for a plain batch axis.
         dtypes: numpy dtype of every tensor, by name.
         row_constant: tensors with a batch axis whose value does not depend on the data and is the same in
             every row (zero initial states sized from the batch); rules may use their first row.
@@ -28,11 +31,22 @@ class LoweredModel:
     batch_axes: dict[str, int | None | str]
     dtypes: dict[str, np.dtype]
     row_constant: frozenset[str] = frozenset()
+    batch_split: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def feature_shape(self, name: str) -> tuple[int, ...]:
-        """The shape with the batch axis dropped."""
+        """The shape with the batch axis dropped (a tensor with a plain batch axis)."""
         shape, axis = self.shapes[name], self.batch_axes[name]
         return tuple(d for i, d in enumerate(shape) if i != axis)
+
+    def split(self, name: str) -> tuple[int, int]:
+        """``(outer, inner)`` of the batch axis: ``(1, 1)`` for a plain one."""
+        return self.batch_split.get(name, (1, 1))
+
+    def size_per_row(self, name: str) -> int:
+        """Elements per batch row (for memory estimates)."""
+        shape, axis = self.shapes[name], self.batch_axes[name]
+        outer, inner = self.split(name)
+        return int(np.prod([d for i, d in enumerate(shape) if i != axis], dtype=np.int64)) * outer * inner
 
     def output_size(self, name: str) -> int:
         """Number of output values per row of tensor ``name``."""

@@ -60,9 +60,16 @@ def annotate(model: ir.Model, probe_a: Probe, probe_b: Probe) -> None:
     for value in values:
         if value.name in probe_a and value.name in probe_b:
             a, b = probe_a[value.name], probe_b[value.name]
-            value.shape = ir.Shape([d if d == e else ir.SymbolicDim(BATCH) for d, e in zip(a.shape, b.shape)]
-                                   ) if a.ndim == b.ndim else None
+            value.shape = ir.Shape([_dim(d, e) for d, e in zip(a.shape, b.shape)]) if a.ndim == b.ndim else None
             value.type = ir.TensorType(ir.DataType.from_numpy(a.dtype))
+
+
+def _dim(at_a: int, at_b: int) -> int | ir.SymbolicDim:
+    """A probed dim: static, ``batch`` where it is the batch, anonymous where it is a multiple of it (two
+    dims named ``batch`` must be equal: ONNX Runtime's optimiser relies on it)."""
+    if at_a == at_b:
+        return at_a
+    return ir.SymbolicDim(BATCH if (at_a, at_b) == PROBE_BATCHES else None)
 
 
 def static_shape(value: ir.Value) -> tuple | None:

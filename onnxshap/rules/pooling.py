@@ -52,7 +52,19 @@ def _per_delta(ctx: PairContext, routed: ir.Value, a: ir.Value) -> ir.Value:
     return e.op("Div", [routed, safe], hint="per_delta")
 
 
+def _plain_batch(ctx: PairContext, node: ir.Node) -> str | None:
+    if ctx.merged(node.inputs[0]):
+        return f"{node.op_type} of a tensor whose batch axis is merged with others is not supported"
+    return None
+
+
+def _reduce_check(ctx: PairContext, node: ir.Node) -> str | None:
+    return _plain_batch(ctx, node) or reduce_check(ctx, node)
+
+
 def _maxpool_check(ctx: PairContext, node: ir.Node) -> str | None:
+    if _plain_batch(ctx, node):
+        return _plain_batch(ctx, node)
     if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
         return "MaxPool whose Indices output is used is not supported"
     if op_attr(node, "storage_order", 0):
@@ -209,5 +221,5 @@ def reduce_max(ctx: PairContext, node: ir.Node, outs):
 
 OPS = [
     rule("MaxPool", Family.MAX_TYPE, max_pool, check=_maxpool_check),
-    *(rule(op, Family.MAX_TYPE, reduce_max, check=reduce_check) for op in ("ReduceMax", "ReduceMin", "GlobalMaxPool")),
+    *(rule(op, Family.MAX_TYPE, reduce_max, check=_reduce_check) for op in ("ReduceMax", "ReduceMin", "GlobalMaxPool")),
 ]

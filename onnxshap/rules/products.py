@@ -34,7 +34,7 @@ def _aligned(ctx: PairContext, node: ir.Node) -> str | None:
     if len(inputs) > 2:
         return f"{node.op_type} with more than two variable inputs is not supported"
     offsets = {ctx.rank(v) - ctx.batch_axis(v) for v in inputs} | {ctx.rank(out) - ctx.batch_axis(out)}
-    if len(offsets) != 1:
+    if len(offsets) != 1 or len({ctx.split(v) for v in [*inputs, out]}) != 1:
         return f"{node.op_type} whose inputs carry the batch on different axes is not supported"
     return None
 
@@ -97,7 +97,7 @@ def matmul(ctx: PairContext, node: ir.Node, outs):
         return matmul_linear(ctx, node, outs[0])
     e, z = ctx.build, node.outputs[0]
     m_z = ctx.expand(outs[0], z)
-    rank = ctx.rank(z) + 2
+    rank = ctx.expanded_rank(z)
     swap = list(range(rank - 2)) + [rank - 1, rank - 2]
     m_a = e.op("MatMul", [m_z, e.transpose(ctx.pair_mean(b), swap)])
     m_b = e.op("MatMul", [e.transpose(ctx.pair_mean(a), swap), m_z])

@@ -23,6 +23,7 @@ larger end) the factors are closed forms of bounded exponents (``ℓ ≤ 0``):
   ``F[k, j] = −exp(min(ℓ_k^x, ℓ_k^r) + max(ℓ_j^x − ℓ_k^x, ℓ_j^r − ℓ_k^r)) · φ(|Δa_j − Δa_k|) / φ(|Δℓ_k|)``, ``|F| ≤ 1``.
 
 Where ``Δu_k = 0`` or ``Δd_kj = 0`` the closed forms are the derivatives (the slope the rescale rule takes there).
+Logits masked with ``−inf`` on both sides (attention masks) get no multiplier: their factors are exactly 0.
 
 Numerics: every exponent is ≤ 0, so nothing overflows at any logit gap (checked to gaps of 1 600). The parts that
 cancel are float64 inside the graph: the float32 logits of each side are cast, and the log-softmax, the logit
@@ -109,7 +110,7 @@ def _row_layout(ctx: PairContext, a: ir.Value, axes: list[int]):
 
     One axis is transposed to the end; the trailing axes of an opset < 13 softmax are merged by a reshape.
     """
-    e, rank = ctx.build, ctx.rank(a) + 2
+    e, rank = ctx.build, ctx.expanded_rank(a)
     first = ctx.expanded_axis(a, axes[0])
     if first == rank - 1 or len(axes) > 1:  # already last, or trailing axes merged: the collapse reshapes back
         merge = (lambda v: v) if len(axes) == 1 else (lambda v: e.reshape(v, [0] * first + [-1]))
@@ -140,15 +141,15 @@ def _factor_matrix(e: Builder, x: ir.Value, r: ir.Value, length: int, log: bool)
     def to_float(v):
         return e.cast(v, ir.DataType.FLOAT)
 
-    delta = e.op("Sub", [x, r])
+    delta = _difference(e, x, r)
     gap = to_float(e.op("Abs", [e.op("Sub", [row(delta), col(delta)])]))  # |Δd_kj| = |Δa_j − Δa_k|
     if not log:
         exponent = e.op("Max", [e.op("Add", [row(lx), col(lr)]), e.op("Add", [col(lx), row(lr)])])
         scale = _phi(e, gap)
     else:
-        d_max = e.op("Max", [e.op("Sub", [row(lx), col(lx)]), e.op("Sub", [row(lr), col(lr)])])
+        d_max = e.op("Max", [_difference(e, row(lx), col(lx)), _difference(e, row(lr), col(lr))])
         exponent = e.op("Add", [col(e.op("Min", [lx, lr])), d_max])
-        change = to_float(e.op("Abs", [e.op("Sub", [lx, lr])]))  # |Δℓ_k| = |Δy_k|
+        change = to_float(e.op("Abs", [_difference(e, lx, lr)]))  # |Δℓ_k| = |Δy_k|
         scale = e.op("Div", [_phi(e, gap), col(_phi(e, change))])
     magnitude = to_float(e.op("Exp", [exponent]))
     off_diagonal = e.op("Mul", [e.op("Mul", [magnitude, scale]), e.const(np.eye(length, dtype=np.float32) - 1,
@@ -156,6 +157,12 @@ def _factor_matrix(e: Builder, x: ir.Value, r: ir.Value, length: int, log: bool)
     diagonal = e.op("Mul", [e.const(np.eye(length, dtype=np.float32), "eye"),
                             to_float(e.reduce("ReduceSum", e.cast(off_diagonal, ir.DataType.DOUBLE), [-1]))])
     return e.op("Sub", [off_diagonal, diagonal], hint="softmax_factor")
+
+
+def _difference(e: Builder, a: ir.Value, b: ir.Value) -> ir.Value:
+    """``a − b``, and 0 where they are equal: a masked logit is ``−inf`` on both sides (an attention mask), and
+    ``−inf − (−inf)`` is NaN; with the difference 0 its factors are ``exp(−inf) · φ(·) = 0``, as they must."""
+    return e.op("Where", [e.op("Equal", [a, b]), e.scalar(0.0, np.float64), e.op("Sub", [a, b])])
 
 
 def _log_softmax(e: Builder, v: ir.Value) -> ir.Value:
