@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from onnxshap import additivity, runtime
 from onnxshap.augment.build import AugmentedModel, build_augmented
 from onnxshap.augment.plan import make_plan, select_outputs
-from onnxshap.check import unknown_ops
-from onnxshap.errors import OnnxRuntimeError, Refusals, UsageError
+from onnxshap.check import refuse_unknown_ops
+from onnxshap.errors import UsageError
 from onnxshap.explanation import Explanation
 from onnxshap.files.write import write_atomic
 from onnxshap.load.data import feature_names_of, feeds
@@ -74,7 +73,8 @@ class DeepExplainer:
         self.input_names = self.signature.inputs
         self.background = feeds(data, self.signature, "background")
         # check, lower
-        self.lowered = _lower_checked(self.proto, self.background)
+        refuse_unknown_ops(self.proto)
+        self.lowered = lower(self.proto, self.background)
         # augment: plan and refuse now; the graph itself is built on first use
         self.layers = [layer] if isinstance(layer, str) else list(layer or [])
         self.explained = self.layers or self.input_names
@@ -198,17 +198,3 @@ class DeepExplainer:
             return [data[name] for name in self.explained]
         values = runtime.evaluate(self.lowered.model, data, self.layers)
         return [values[name] for name in self.layers]
-
-
-def _lower_checked(proto: onnx.ModelProto, background: dict[str, np.ndarray]):
-    """Lower, naming every op the table does not know when ONNX Runtime cannot run the model either (a
-    custom op); otherwise such ops are refused with the plan's other refusals, in one error."""
-    unknown = unknown_ops(proto)
-    try:
-        return lower(proto, background)
-    except OnnxRuntimeError:
-        if not unknown:
-            raise
-        refusals = Refusals()
-        refusals.extend(unknown, "no DeepLIFT rule for this op")
-        raise refusals.error() from None

@@ -148,12 +148,26 @@ class PairContext:
     def _rows(self, value: ir.Value, start: ir.Value, end: ir.Value, hint: str) -> ir.Value:
         """Rows ``start:end`` of the stacked ``[X; R]`` forward tensor (of the batch factor of a merged axis)."""
         b, shape = self.batch_axis(value), self.shape(value)
+        rows = "n" if hint == "x" else "m"
+        dtype = ir.DataType.from_numpy(self.dtype(value))
         if not self.merged(value):
-            return self.build.slice(value, start, end, [b], hint=hint)
+            return self._typed(self.build.slice(value, start, end, [b], hint=hint), [*shape[:b], rows, *shape[b + 1:]],
+                               dtype)
         before, after = self._around_batch(value)
         split = self.build.reshape(value, [*before, -1, *after])
-        rows = self.build.slice(split, start, end, [len(before)], hint=hint)
-        return self.build.reshape(rows, [*shape[:b], -1, *shape[b + 1:]])
+        part = self._typed(self.build.slice(split, start, end, [len(before)], hint=hint), [*before, rows, *after],
+                           dtype)
+        outer, inner = self.split(value)
+        return self._typed(self.build.reshape(part, [*shape[:b], -1, *shape[b + 1:]]),
+                           [*shape[:b], f"{rows}*{outer * inner}", *shape[b + 1:]], dtype)
+
+    @staticmethod
+    def _typed(value: ir.Value, dims: list, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
+        """Record ``value``'s shape, with ``n``, ``m``, ``k`` and ``pairs`` (= n·m·k) as named dims: ONNX Runtime
+        plans buffer reuse from shapes, and with unknown shapes its planner takes seconds per thousand nodes."""
+        value.shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in dims])
+        value.type = ir.TensorType(dtype)
+        return value
 
     def side(self, value: ir.Value, which: str) -> ir.Value:
         """``x(value)`` or ``r(value)`` by name of the side ("x" or "r")."""
@@ -174,12 +188,15 @@ class PairContext:
     def as_pairs(self, side: ir.Value, like: ir.Value, which: str) -> ir.Value:
         """A tensor laid out like ``like``'s sample (``which="x"``) or reference side, as (n, 1, 1) or (1, m, 1)
         at the batch position of the expanded form."""
+        before, after = self._around_batch(like)
+        named = ["n", 1, 1] if which == "x" else [1, "m", 1]
+        dtype = side.type.dtype if side.type is not None else ir.DataType.FLOAT
         if not self.merged(like):
             b = self.batch_axis(like)
-            return self.build.unsqueeze(side, [b + 1, b + 2] if which == "x" else [b, b + 2])
-        before, after = self._around_batch(like)
-        rows = [-1, 1, 1] if which == "x" else [1, -1, 1]
-        return self.build.reshape(side, [*before, *rows, *after])
+            pairs = self.build.unsqueeze(side, [b + 1, b + 2] if which == "x" else [b, b + 2])
+        else:
+            pairs = self.build.reshape(side, [*before, *[-1 if isinstance(d, str) else d for d in named], *after])
+        return self._typed(pairs, [*before, *named, *after], dtype)
 
     def pair_side(self, value: ir.Value, which: str) -> ir.Value:
         return self.pair_x(value) if which == "x" else self.pair_r(value)
@@ -228,12 +245,21 @@ class PairContext:
 
     def expand(self, multiplier: ir.Value, like: ir.Value) -> ir.Value:
         """P-form → expanded form ``shape[:b] + (n, m, k) + shape[b+1:]`` (``(o, n, m, k, i)`` when merged)."""
-        return self.build.reshape(multiplier, self.shape_with_pairs(*self._around_batch(like)))
+        before, after = self._around_batch(like)
+        return self._typed(self.build.reshape(multiplier, self.shape_with_pairs(before, after)),
+                           [*before, "n", "m", "k", *after])
 
     def collapse(self, expanded: ir.Value, like: ir.Value) -> ir.Value:
         """Expanded form → P-form of ``like``'s shape."""
         b, shape = self.batch_axis(like), self.shape(like)
-        return self.build.reshape(expanded, [*shape[:b], -1, *shape[b + 1:]])
+        return self._typed(self.build.reshape(expanded, [*shape[:b], -1, *shape[b + 1:]]), self.p_shape(like))
+
+    def p_shape(self, like: ir.Value) -> list:
+        """``like``'s P-form shape with named dims: ``pairs`` (n·m·k rows) at the batch position."""
+        b, shape = self.batch_axis(like), self.shape(like)
+        outer, inner = self.split(like)
+        rows = "pairs" if not self.merged(like) else f"pairs*{outer * inner}"
+        return [*shape[:b], rows, *shape[b + 1:]]
 
     def scale(self, multiplier: Multiplier, factor: ir.Value, out: ir.Value) -> Scaled:
         """``multiplier`` of ``out`` times a per-pair ``factor`` (expanded, k = 1), kept lazy."""

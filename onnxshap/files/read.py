@@ -131,7 +131,7 @@ def read_bounded(path: str | os.PathLike, what: str, limit: int, error: ErrorCla
         size = os.fstat(file.fileno()).st_size
         if size > limit:
             raise error(f"{what} file {path} is {size} bytes, over the limit of {limit} bytes{hint}")
-        data = file.read(limit + 1)
+        data = file.read(min(size, limit) + 1)  # not limit + 1: read(n) allocates n bytes up front
     if len(data) > limit:
         raise error(f"{what} file {path} grew past the limit of {limit} bytes while being read{hint}")
     return data
