@@ -15,7 +15,7 @@ import numpy as np
 
 from onnxshap import runtime
 from onnxshap.augment.build import AugmentedModel
-from onnxshap.errors import OnnxShapError
+from onnxshap.errors import UsageError
 from onnxshap.lower.lowered import LoweredModel
 
 FORWARD_ROWS = 256  # rows per forward call: bounds the forward session's memory
@@ -34,10 +34,10 @@ def chunking(augmented: AugmentedModel, n: int, m: int, k: int, budget: int, bat
     """The largest chunks within ``budget`` bytes (``batch_size`` fixes the samples per call).
 
     Raises:
-        OnnxShapError: not even one (sample, reference, output) triple fits the budget.
+        UsageError: not even one (sample, reference, output) triple fits the budget.
     """
     if augmented.memory(1, 1, 1) > budget:
-        raise OnnxShapError(
+        raise UsageError(
             f"one (sample, reference, output) triple needs about {augmented.memory(1, 1, 1) / 2**20:.0f} MiB, more "
             f"than the memory budget of {budget / 2**20:.0f} MiB; raise max_memory (--max-memory)")
     outputs = k if augmented.memory(1, 1, k) <= budget else max(1, budget // augmented.memory(1, 1, 1))

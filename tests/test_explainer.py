@@ -283,3 +283,31 @@ def test_data_must_have_the_backgrounds_shape():
     ex = onnxshap.DeepExplainer(model, rng.normal(size=(4, 5)).astype(np.float32))
     with pytest.raises(onnxshap.InputDataError, match="background"):
         ex.shap_values(rng.normal(size=(2, 6)).astype(np.float32))
+
+
+def test_layer_can_name_any_tensor_of_the_users_graph_even_lowered_ones():
+    """Gemm, LayerNormalization and BatchNormalization are rewritten into primitives; their outputs keep the
+    user's names, so ``layer=`` and ``outputs=`` still find them (values add up to the output's change)."""
+    rng = np.random.default_rng(5)
+    weights = [oh.make_tensor("w", FLOAT, [4, 6], rng.normal(size=24)),
+               oh.make_tensor("b", FLOAT, [6], rng.normal(size=6)),
+               oh.make_tensor("g", FLOAT, [6], rng.uniform(0.5, 2, size=6)),
+               oh.make_tensor("beta", FLOAT, [6], rng.normal(size=6)),
+               oh.make_tensor("v", FLOAT, [6, 2], rng.normal(size=12))]
+    nodes = [oh.make_node("Gemm", ["x", "w", "b"], ["dense_out"]),
+             oh.make_node("LayerNormalization", ["dense_out", "g", "beta"], ["ln_out"], axis=-1),
+             oh.make_node("Tanh", ["ln_out"], ["act"]), oh.make_node("MatMul", ["act", "v"], ["y"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", FLOAT, ["N", 4])],
+                          [oh.make_tensor_value_info("y", FLOAT, ["N", 2]),
+                           oh.make_tensor_value_info("ln_out", FLOAT, ["N", 6])],
+                          initializer=weights)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 9
+    x, background = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(7, 4)).astype(np.float32)
+    for layer in ("dense_out", "ln_out"):
+        ex = onnxshap.DeepExplainer(model, background, layer=layer, outputs="y")
+        explanation = ex.explain(x)
+        assert explanation.values.shape == (5, 6, 2)
+        assert explanation.additivity_error.max() <= 1e-4
+    ln = onnxshap.DeepExplainer(model, background, outputs="ln_out").explain(x)
+    assert ln.values.shape == (5, 4, 6)
