@@ -7,7 +7,7 @@ from onnxshap.support import support_table
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_support_table_matches_the_rule_registry():
+def test_support_table_matches_the_op_table():
     text = README.read_text()
     start = text.index("<!-- support-table:start -->") + len("<!-- support-table:start -->")
     end = text.index("<!-- support-table:end -->")
