@@ -18,6 +18,7 @@ import onnx
 from onnxshap import additivity, runtime
 from onnxshap.augment.build import AugmentedModel, build_augmented
 from onnxshap.augment.plan import make_plan, select_outputs
+from onnxshap.augment.tokens import explained_tensors, token_inputs, values_by_input
 from onnxshap.check import unknown_ops
 from onnxshap.errors import OnnxRuntimeError, Refusals, UsageError
 from onnxshap.explanation import Explanation
@@ -47,7 +48,10 @@ class DeepExplainer:
         data: the background: an array ``(m, ...)`` (numpy, torch tensor, DataFrame), or a list / dict of
             arrays for models with several inputs. The expected value is the mean model output over it.
         layer: explain this intermediate tensor (or list of tensors) instead of the graph inputs, like
-            shap's ``(model, layer)``.
+            shap's ``(model, layer)``. Without it, an integer input (token ids) is explained at its embedding
+            lookups and reported per token (:mod:`onnxshap.augment.tokens`): values shaped like the ids plus
+            the outputs axis; the background's ids give the reference embeddings (pad-token rows: a pad
+            baseline).
         outputs: names of the graph outputs to explain (default: every float output); their features are
             flattened and concatenated into one output vector.
         device: ``"auto"`` (CUDA when it really loads), ``"cpu"`` or ``"cuda"``.
@@ -77,7 +81,8 @@ class DeepExplainer:
         self.lowered = _lower_checked(self.proto, self.background)
         # augment: plan and refuse now; the graph itself is built on first use
         self.layers = [layer] if isinstance(layer, str) else list(layer or [])
-        self.explained = self.layers or self.input_names
+        self.tokens = {} if self.layers else token_inputs(self.lowered, self.input_names)
+        self.explained = self.layers or explained_tensors(self.input_names, self.tokens)
         self.output_names = select_outputs(self.lowered, self.signature.outputs, outputs)
         self.plan = make_plan(self.lowered, self.explained, self.output_names)
         self._augmented: AugmentedModel | None = None
@@ -183,22 +188,21 @@ class DeepExplainer:
         base = self._expected[indices]
         error = additivity.check_additivity(values, predictions, base, self._expected_magnitude[indices],
                                             self.output_labels, indices, enforce=check_additivity)
-        explained_data = self._explained_data(data)
         elapsed = time.perf_counter() - started
-        return [
-            Explanation(values=v, base_values=base, data=d, output_indices=indices,
-                        output_names=self.output_labels, predictions=predictions, additivity_error=error,
-                        feature_names=self.feature_names if len(self.explained) == 1 else None,
-                        input_name=name, extra={"seconds": elapsed})
-            for v, d, name in zip(values, explained_data, self.explained)
-        ]
+        common = dict(base_values=base, output_indices=indices, output_names=self.output_labels,
+                      predictions=predictions, additivity_error=error)
+        names = self.layers or self.input_names
+        return [Explanation(values=v, data=d, feature_names=self.feature_names if len(names) == 1 else None,
+                            input_name=name, extra={"seconds": elapsed, **extra}, **common)
+                for name, v, d, extra in self._per_name(dict(zip(self.explained, values)), data)]
 
-    def _explained_data(self, data: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if not self.layers:
-            return [data[name] for name in self.explained]
-        values = runtime.evaluate(self.lowered.model, data, self.layers)
-        return [values[name] for name in self.layers]
-
+    def _per_name(self, values: dict[str, np.ndarray], data: dict[str, np.ndarray]):
+        """``(name, values, data, extra)`` per explained input or layer; token inputs per token, with their
+        embeddings' own values in ``extra["embedding_values"]`` (tensor name → values)."""
+        if self.layers:
+            layer_values = runtime.evaluate(self.lowered.model, data, self.layers)
+            return [(name, values[name], layer_values[name], {}) for name in self.layers]
+        return values_by_input(self.input_names, self.tokens, values, data)
 
 def _lower_checked(proto: onnx.ModelProto, background: dict[str, np.ndarray]):
     """Lower, naming every op the table does not know when ONNX Runtime cannot run the model either (a
