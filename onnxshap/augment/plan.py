@@ -165,13 +165,15 @@ def _structure_reason(ctx: PairContext, node: ir.Node, sources: dict, outputs: s
 
 def _bypass_reason(ctx: PairContext, value: ir.Value) -> str:
     sources = origins(ctx.lowered.model.graph, value)
-    reason = f"input {value.name!r} depends on the data through a path that bypasses the explained tensors"
-    if sources:
-        reason += f" (it is computed from {', '.join(map(repr, sources))})"
+    if not sources:
+        return (f"input {value.name!r} is computed from the batch size (like arange(batch)) and does not select "
+                "within each row: rows must be explained independently")
+    reason = (f"input {value.name!r} depends on the data through a path that bypasses the explained tensors (it "
+              f"is computed from {', '.join(map(repr, sources))})")
     if any(not np.issubdtype(ctx.lowered.dtypes[name], np.floating) for name in sources):
         reason += ("; a value computed from token ids besides their embedding (an attention mask from ids == pad, "
-                   "sequence lengths) cannot be attributed: pass the attention mask to the model as an input of "
-                   "its own (GPT-2's classifier: pad_token_id=None pools the last token)")
+                   "a pooling index from the last non-pad token) cannot be attributed: pass the attention mask "
+                   "to the model as an input of its own, or export the model from inputs_embeds")
     return reason
 
 
