@@ -18,7 +18,14 @@ import onnx
 from onnxshap import additivity, runtime
 from onnxshap.augment.build import AugmentedModel, build_augmented
 from onnxshap.augment.plan import make_plan, select_outputs
-from onnxshap.augment.tokens import explained_tensors, token_inputs, values_by_input
+from onnxshap.augment.tokens import (
+    check_context,
+    context_inputs,
+    explained_tensors,
+    token_inputs,
+    values_by_input,
+    with_context,
+)
 from onnxshap.check import unknown_ops
 from onnxshap.errors import OnnxRuntimeError, Refusals, UsageError
 from onnxshap.explanation import Explanation
@@ -51,7 +58,8 @@ class DeepExplainer:
             shap's ``(model, layer)``. Without it, an integer input (token ids) is explained at its embedding
             lookups and reported per token (:mod:`onnxshap.augment.tokens`): values shaped like the ids plus
             the outputs axis; the background's ids give the reference embeddings (pad-token rows: a pad
-            baseline).
+            baseline). An integer input that indexes no embedding (an attention mask) is fed as fixed context,
+            not explained: it must be the same in every row of the data and the background.
         outputs: names of the graph outputs to explain (default: every float output); their features are
             flattened and concatenated into one output vector.
         device: ``"auto"`` (CUDA when it really loads), ``"cpu"`` or ``"cuda"``.
@@ -82,9 +90,11 @@ class DeepExplainer:
         # augment: plan and refuse now; the graph itself is built on first use
         self.layers = [layer] if isinstance(layer, str) else list(layer or [])
         self.tokens = {} if self.layers else token_inputs(self.lowered, self.input_names)
-        self.explained = self.layers or explained_tensors(self.input_names, self.tokens)
+        self.context = [] if self.layers else context_inputs(self.lowered, self.input_names, self.tokens)
+        check_context(self.background, self.background, self.context, "background")
+        self.explained = self.layers or explained_tensors(self.input_names, self.tokens, self.context)
         self.output_names = select_outputs(self.lowered, self.signature.outputs, outputs)
-        self.plan = make_plan(self.lowered, self.explained, self.output_names)
+        self.plan = make_plan(with_context(self.lowered, self.context), self.explained, self.output_names)
         self._augmented: AugmentedModel | None = None
         # run
         self.runner = Runner(self.lowered, self.output_names, self.providers)
@@ -178,6 +188,7 @@ class DeepExplainer:
     def _explain(self, X, ranked_outputs, order, check_additivity, progress=False) -> list[Explanation]:
         started = time.perf_counter()
         data = feeds(X, self.signature, "data", like=self.background)
+        check_context(data, self.background, self.context, "data")
         predictions_all = self.runner.predict(data)
         indices = self._output_indices(predictions_all, ranked_outputs, order)
         n, k = indices.shape
@@ -202,7 +213,7 @@ class DeepExplainer:
         if self.layers:
             layer_values = runtime.evaluate(self.lowered.model, data, self.layers)
             return [(name, values[name], layer_values[name], {}) for name in self.layers]
-        return values_by_input(self.input_names, self.tokens, values, data)
+        return values_by_input([n for n in self.input_names if n not in self.context], self.tokens, values, data)
 
 def _lower_checked(proto: onnx.ModelProto, background: dict[str, np.ndarray]):
     """Lower, naming every op the table does not know when ONNX Runtime cannot run the model either (a

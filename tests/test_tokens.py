@@ -42,9 +42,9 @@ def _tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
     return onnx.numpy_helper.from_array(np.asarray(array), name)
 
 
-def _model(nodes: list, initializers: list, output: str = "y", outputs: int = K) -> onnx.ModelProto:
-    graph = oh.make_graph(nodes, "tokens", [oh.make_tensor_value_info("ids", INT64, ["N", L])],
-                          [oh.make_tensor_value_info(output, FLOAT, ["N", outputs])], initializer=initializers)
+def _model(nodes: list, initializers: list, inputs: tuple[str, ...] = ("ids",)) -> onnx.ModelProto:
+    graph = oh.make_graph(nodes, "tokens", [oh.make_tensor_value_info(name, INT64, ["N", L]) for name in inputs],
+                          [oh.make_tensor_value_info("y", FLOAT, ["N", K])], initializer=initializers)
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.checker.check_model(model)
@@ -92,9 +92,9 @@ def _ids(rows: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, VOCAB, size=(rows, L), dtype=np.int64)
 
 
-def _run(model: onnx.ModelProto, ids: np.ndarray, output: str = "y") -> np.ndarray:
+def _run(model: onnx.ModelProto, ids: np.ndarray, **more: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run([output], {"ids": ids})[0].astype(np.float64)
+    return session.run(["y"], {"ids": ids, **more})[0].astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,8 +256,39 @@ def test_integer_input_without_embedding_is_refused():
     nodes = [oh.make_node("Cast", ["ids"], ["counts"], to=FLOAT, name="as_float"),
              oh.make_node("MatMul", ["counts", "w"], ["y"], name="dense")]
     model = _model(nodes, [_tensor("w", np.ones((L, K), np.float32))])
-    with pytest.raises(InputDataError, match="'ids' has dtype int64 and is not used as the indices of an embedding"):
+    with pytest.raises(InputDataError, match="nothing to explain: the integer input.s. 'ids' index no embedding"):
         onnxshap.DeepExplainer(model, _ids(4, 2))
+
+
+def masked_model() -> onnx.ModelProto:
+    """Inputs ids and an int64 attention mask: ``embeddings ⊙ mask`` (a padding mask) before the head."""
+    table = np.random.default_rng(1).normal(size=(VOCAB, D)).astype(np.float32)
+    head, weights = _head("masked")
+    nodes = [oh.make_node("Gather", ["table", "ids"], ["embedded"], name="word_embedding"),
+             oh.make_node("Cast", ["attention_mask"], ["mask_float"], to=FLOAT, name="mask_float"),
+             oh.make_node("Unsqueeze", ["mask_float", "last"], ["mask"], name="mask"),
+             oh.make_node("Mul", ["embedded", "mask"], ["masked"], name="apply_mask"), *head]
+    return _model(nodes, [_tensor("table", table), _tensor("last", np.array([2], np.int64)), *weights],
+                  inputs=("ids", "attention_mask"))
+
+
+def test_attention_mask_input_is_fixed_context():
+    """An integer input that indexes no embedding is fed, not explained; with one mask for every row the
+    explanation is exact (masked tokens get exactly zero), and a row with another mask is refused."""
+    model = masked_model()
+    mask = np.array([[1, 1, 1, 0, 0]], np.int64)
+    x, background = _ids(4, 1), _ids(6, 2)
+    explainer = onnxshap.DeepExplainer(model, {"ids": background, "attention_mask": mask.repeat(6, 0)})
+    explanation = explainer.explain({"ids": x, "attention_mask": mask.repeat(4, 0)})
+    assert explanation.input_name == "ids" and explanation.values.shape == (4, L, K)
+    assert np.all(explanation.values[:, 3:] == 0.0)
+    change = _run(model, x, attention_mask=mask.repeat(4, 0)) - _run(
+        model, background, attention_mask=mask.repeat(6, 0)).mean(axis=0)
+    np.testing.assert_allclose(explanation.values.sum(axis=1), change, rtol=1e-4, atol=1e-5)
+    other = mask.repeat(4, 0)
+    other[2, 2] = 0
+    with pytest.raises(InputDataError, match="'attention_mask': row 2 differs from background row 0"):
+        explainer.explain({"ids": x, "attention_mask": other})
 
 
 def _pooled_at(index_nodes: list, index: str) -> onnx.ModelProto:

@@ -22,6 +22,7 @@ such a model should take the attention mask as an input of its own.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,17 +86,11 @@ def find_embeddings(lowered: LoweredModel, name: str) -> list[ir.Node]:
     return found
 
 
-def token_input(lowered: LoweredModel, name: str) -> TokenInput:
-    """The embedding lookups of integer input ``name``; refuses an input that has none, or whose lookups do
-    not keep the batch on an axis of their own."""
-    nodes = find_embeddings(lowered, name)
-    if not nodes:
-        raise InputDataError(
-            f"input {name!r} has dtype {lowered.dtypes[name]} and is not used as the indices of an embedding "
-            "(a Gather from a constant table): integer inputs cannot be explained; pass layer=<float tensor> "
-            "to explain a tensor computed from it")
+def token_input(lowered: LoweredModel, name: str) -> TokenInput | None:
+    """The embedding lookups of integer input ``name`` (None when it has none); refuses lookups that do not
+    keep the batch on an axis of their own."""
     embeddings = []
-    for node in nodes:
+    for node in find_embeddings(lowered, name):
         out = node.outputs[0].name
         if lowered.batch_axes.get(out) != 0 or out in lowered.batch_split:
             raise InputDataError(
@@ -103,20 +98,69 @@ def token_input(lowered: LoweredModel, name: str) -> TokenInput:
                 f"{lowered.shapes[out]}) without the batch on its first axis of its own; pass "
                 "layer=<the embedding output, reshaped to (rows, tokens, dims)> to explain it")
         embeddings.append(Embedding(node.name, out, len(lowered.shapes[node.inputs[0].name]) - 1))
-    return TokenInput(name, tuple(embeddings))
+    return TokenInput(name, tuple(embeddings)) if embeddings else None
 
 
 def token_inputs(lowered: LoweredModel, inputs: list[str]) -> dict[str, TokenInput]:
-    """The integer inputs among ``inputs``, each with its embedding lookups."""
-    return {name: token_input(lowered, name) for name in inputs
-            if not np.issubdtype(lowered.dtypes[name], np.floating)}
+    """The integer inputs among ``inputs`` that index embeddings, each with its lookups."""
+    found = {name: token_input(lowered, name) for name in inputs
+             if not np.issubdtype(lowered.dtypes[name], np.floating)}
+    return {name: token for name, token in found.items() if token is not None}
 
 
-def explained_tensors(inputs: list[str], tokens: dict[str, TokenInput]) -> list[str]:
-    """What the sweep explains for ``inputs``: a float input itself, a token input its embedding outputs."""
+def context_inputs(lowered: LoweredModel, inputs: list[str], tokens: dict[str, TokenInput]) -> list[str]:
+    """Integer inputs that index no embedding (an attention mask): fed, not explained (:func:`with_context`)."""
+    context = [name for name in inputs if name not in tokens and not np.issubdtype(lowered.dtypes[name], np.floating)]
+    if len(context) == len(inputs):
+        raise InputDataError(
+            f"nothing to explain: the integer input(s) {', '.join(map(repr, context))} index no embedding (a "
+            "Gather from a constant table); integer inputs are explained only through their embeddings — pass "
+            "layer=<float tensor> to explain a tensor computed from them")
+    return context
+
+
+def with_context(lowered: LoweredModel, context: list[str]) -> LoweredModel:
+    """``lowered`` with every tensor computed only from the ``context`` inputs (and constants) marked
+    row-constant: the sweep reads their first row. Exact when the context inputs are the same in every row of
+    the samples and the references (:func:`check_context`): then so is every tensor computed from them alone,
+    and it is a constant of each pair, like a weight."""
+    if not context:
+        return lowered
+    origin = {v.name: frozenset([v.name]) for v in lowered.model.graph.inputs}
+    for node in lowered.model.graph:
+        if node.op_type in SHAPE_ONLY_OPS:
+            continue
+        found = frozenset().union(*(origin.get(v.name, frozenset()) for v in node.inputs if v is not None))
+        for out in node.outputs:
+            origin[out.name] = found
+    rows = {name for name, sources in origin.items()
+            if sources and sources <= set(context) and isinstance(lowered.batch_axes.get(name), int)
+            and name not in lowered.batch_split}
+    return dataclasses.replace(lowered, row_constant=lowered.row_constant | rows)
+
+
+def check_context(data: dict[str, np.ndarray], background: dict[str, np.ndarray], context: list[str],
+                  what: str) -> None:
+    """Refuse context inputs whose rows differ (within ``data``, or from the background's rows)."""
+    for name in context:
+        reference = background[name][:1]
+        for where, array in ((what, data[name]), ("background", background[name])):
+            differs = np.flatnonzero((array != reference).reshape(len(array), -1).any(axis=1))
+            if differs.size:
+                raise InputDataError(
+                    f"{where} for input {name!r}: row {int(differs[0])} differs from background row 0; {name!r} is "
+                    "an integer input that indexes no embedding (an attention mask), fed to the model as fixed "
+                    "context, so it must be the same in every row of the data and the background — explain rows "
+                    "with one mask at a time, against a background with that mask")
+
+
+def explained_tensors(inputs: list[str], tokens: dict[str, TokenInput], context: list[str]) -> list[str]:
+    """What the sweep explains for ``inputs``: a float input itself, a token input its embedding outputs, a
+    context input nothing."""
     explained: list[str] = []
     for name in inputs:
-        explained += tokens[name].tensors if name in tokens else [name]
+        if name not in context:
+            explained += tokens[name].tensors if name in tokens else [name]
     return explained
 
 

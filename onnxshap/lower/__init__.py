@@ -34,8 +34,10 @@ from onnxshap.lower.probe import Probe, annotate, probe_twice
 from onnxshap.lower.recurrent import UnrollRecurrent
 from onnxshap.lower.row_gather import GatherWithinRows
 
-# Ops that lowering rewrites away (the rule table lists them as "lowered").
-LOWERED_OPS = frozenset(REWRITES) - {"Conv", "ConvTranspose", "MaxPool", "Squeeze"} | LOOP_OPS | RECURRENT_OPS
+# Ops that lowering rewrites away (the rule table lists them as "lowered"); GatherND where its first index
+# column is arange(batch) and the others are constant (row_gather.py).
+LOWERED_OPS = frozenset(REWRITES) - {"Conv", "ConvTranspose", "MaxPool", "Squeeze"} | LOOP_OPS | RECURRENT_OPS | {
+    "GatherND"}
 MAX_PROBE_ROUNDS = 8
 
 
