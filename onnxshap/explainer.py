@@ -202,18 +202,19 @@ class DeepExplainer:
         elapsed = time.perf_counter() - started
         common = dict(base_values=base, output_indices=indices, output_names=self.output_labels,
                       predictions=predictions, additivity_error=error)
-        names = self.layers or self.input_names
-        return [Explanation(values=v, data=d, feature_names=self.feature_names if len(names) == 1 else None,
+        found = self._per_name(dict(zip(self.explained, values)), data)
+        return [Explanation(values=v, data=d, feature_names=self.feature_names if len(found) == 1 else None,
                             input_name=name, extra={"seconds": elapsed, **extra}, **common)
-                for name, v, d, extra in self._per_name(dict(zip(self.explained, values)), data)]
+                for name, v, d, extra in found]
 
     def _per_name(self, values: dict[str, np.ndarray], data: dict[str, np.ndarray]):
-        """``(name, values, data, extra)`` per explained input or layer; token inputs per token, with their
-        embeddings' own values in ``extra["embedding_values"]`` (tensor name → values)."""
+        """``(name, values, data, extra)`` per explained layer or input (token inputs per token, context
+        inputs not at all: :func:`onnxshap.augment.tokens.values_by_input`)."""
         if self.layers:
             layer_values = runtime.evaluate(self.lowered.model, data, self.layers)
             return [(name, values[name], layer_values[name], {}) for name in self.layers]
         return values_by_input([n for n in self.input_names if n not in self.context], self.tokens, values, data)
+
 
 def _lower_checked(proto: onnx.ModelProto, background: dict[str, np.ndarray]):
     """Lower, naming every op the table does not know when ONNX Runtime cannot run the model either (a

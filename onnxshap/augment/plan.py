@@ -171,9 +171,11 @@ def _bypass_reason(ctx: PairContext, value: ir.Value) -> str:
     reason = (f"input {value.name!r} depends on the data through a path that bypasses the explained tensors (it "
               f"is computed from {', '.join(map(repr, sources))})")
     if any(not np.issubdtype(ctx.lowered.dtypes[name], np.floating) for name in sources):
-        reason += ("; a value computed from token ids besides their embedding (an attention mask from ids == pad, "
-                   "a pooling index from the last non-pad token) cannot be attributed: pass the attention mask "
-                   "to the model as an input of its own, or export the model from inputs_embeds")
+        reason += ("; integer inputs enter only through embedding lookups (token ids) or as fixed context (an "
+                   "attention mask input, the same in every row, with the batch on an axis of its own): a value "
+                   "computed from token ids on another path (a mask from ids == pad, a pooling index from the last "
+                   "non-pad token) cannot be attributed — pass the attention mask to the model as an input of its "
+                   "own, or export the model from inputs_embeds")
     return reason
 
 
