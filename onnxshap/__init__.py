@@ -2,7 +2,7 @@
 
 from importlib import metadata
 
-from onnxshap import plots, timeseries
+from onnxshap import plots, text, timeseries
 from onnxshap.errors import (
     AdditivityError,
     ExportError,
@@ -37,6 +37,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "plots",
+    "text",
     "timeseries",
 ]
 

@@ -31,7 +31,11 @@ examples:
   onnxshap model.onnx data.npy -b background.npy -o values.npz --plot values.png
   onnxshap model.onnx data.npy --rank 1             explain only each row's top output
   onnxshap model.onnx --input ids:a.npy --input mask:b.npy      a model with several inputs (.npz works too)
+  onnxshap bert.onnx ids.npy -b pad_ids.npy --vocab vocab.txt --plot tokens.png
+                                                    token ids (int64): values per token, against pad tokens
 
+token ids: an integer input is explained at its embedding lookup(s); its values are per token (summed over the
+  embedding dims), shaped like the ids plus k; the background's ids give the reference embeddings.
 output (.npz): shap_values (n, *input shape, k) [shap_values_<input> for several inputs], expected_value (k,),
   output_indices (n, k), predictions (n, k), additivity_error (n,).
 files: inputs must be regular files (no devices, FIFOs, sockets); .npy/.npz headers are checked before any
@@ -78,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-graph", metavar="FILE.onnx", help="also write the augmented ONNX graph")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the values (images, time series or bars)")
     parser.add_argument("--names", metavar="FILE", help="variable names, one per line (for plots)")
+    parser.add_argument("--vocab", metavar="FILE", help="token ids: the vocabulary, one token per line, line i "
+                        "for id i (labels the --plot of a token input)")
     parser.add_argument("--no-check", action="store_true", help="do not fail when values do not add up")
     parser.add_argument("-v", "--verbose", action="store_true", help="print more detail")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -141,7 +147,7 @@ def _collect_data(args, shapes: dict[str, tuple]) -> object:
 
 
 def _data_files(args) -> list[str]:
-    return [p for p in [args.data, args.background, args.names] if p] + [
+    return [p for p in [args.data, args.background, args.names, args.vocab] if p] + [
         item.rpartition(":")[2] for item in args.input]
 
 
@@ -193,6 +199,7 @@ def run(args) -> int:
     plot_format = _plot_format(args.plot) if args.plot else None
     started = time.perf_counter()
     names = read_text_file(args.names, "--names").split() if args.names else None
+    vocabulary = read_text_file(args.vocab, "--vocab").splitlines() if args.vocab else None
     model_files: list[Path] = []
     proto = load_model(args.model, read_files=model_files)
     with OutputSet(inputs=[*model_files, *_data_files(args)]) as outputs:
@@ -212,7 +219,7 @@ def run(args) -> int:
                                    check_additivity=not args.no_check, progress=not args.quiet)
         explanations = result if isinstance(result, list) else [result]
         if plot is not None:
-            figure = _figure(explanations[0])
+            figure = _figure(explanations[0], vocabulary)
             outputs.stage(plot, lambda file: figure.savefig(file, format=plot_format, dpi=plots.DPI))
         if graph is not None:
             payload = explainer.augmented.proto.SerializeToString()
@@ -240,11 +247,17 @@ def _result_arrays(explainer, explanations) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _figure(explanation):
-    """The figure for ``--plot``: images, a variables × time-steps heatmap, or a bar of mean |value|."""
-    from onnxshap import plots
+def _figure(explanation, vocabulary=None):
+    """The figure for ``--plot``: per-token values of token ids as a rows × positions heatmap of the first
+    explained output (cells labelled with the tokens), images, a variables × time-steps heatmap, or a bar of
+    mean |value|."""
+    from onnxshap import plots, text
 
     values, data = explanation.values, explanation.data
+    if "embedding_values" in explanation.extra:
+        output = explanation.output_names[int(explanation.output_indices[0, 0])]
+        return text.token_heatmap(values[..., 0], data, vocabulary=vocabulary,
+                                  title=f"per-token SHAP values, output {output}")
     if data.ndim == 4:  # images (n, C, H, W) or (n, H, W, C)
         return plots.image_plot(values, data, output_names=explanation.output_names)
     if data.ndim == 3:  # sequences (n, T, F): the first explained output

@@ -17,6 +17,14 @@ import numpy as np
 from onnxshap import additivity, runtime
 from onnxshap.augment.build import AugmentedModel, build_augmented
 from onnxshap.augment.plan import make_plan, select_outputs
+from onnxshap.augment.tokens import (
+    check_context,
+    context_inputs,
+    explained_tensors,
+    token_inputs,
+    values_by_input,
+    with_context,
+)
 from onnxshap.check import refuse_unknown_ops
 from onnxshap.errors import UsageError
 from onnxshap.explanation import Explanation
@@ -46,7 +54,11 @@ class DeepExplainer:
         data: the background: an array ``(m, ...)`` (numpy, torch tensor, DataFrame), or a list / dict of
             arrays for models with several inputs. The expected value is the mean model output over it.
         layer: explain this intermediate tensor (or list of tensors) instead of the graph inputs, like
-            shap's ``(model, layer)``.
+            shap's ``(model, layer)``. Without it, an integer input (token ids) is explained at its embedding
+            lookups and reported per token (:mod:`onnxshap.augment.tokens`): values shaped like the ids plus
+            the outputs axis; the background's ids give the reference embeddings (pad-token rows: a pad
+            baseline). An integer input that indexes no embedding (an attention mask) is fed as fixed context,
+            not explained: it must be the same in every row of the data and the background.
         outputs: names of the graph outputs to explain (default: every float output); their features are
             flattened and concatenated into one output vector.
         device: ``"auto"`` (CUDA when it really loads), ``"cpu"`` or ``"cuda"``.
@@ -77,9 +89,12 @@ class DeepExplainer:
         self.lowered = lower(self.proto, self.background)
         # augment: plan and refuse now; the graph itself is built on first use
         self.layers = [layer] if isinstance(layer, str) else list(layer or [])
-        self.explained = self.layers or self.input_names
+        self.tokens = {} if self.layers else token_inputs(self.lowered, self.input_names)
+        self.context = [] if self.layers else context_inputs(self.lowered, self.input_names, self.tokens)
+        check_context(self.background, self.background, self.context, "background")
+        self.explained = self.layers or explained_tensors(self.input_names, self.tokens, self.context)
         self.output_names = select_outputs(self.lowered, self.signature.outputs, outputs)
-        self.plan = make_plan(self.lowered, self.explained, self.output_names)
+        self.plan = make_plan(with_context(self.lowered, self.context), self.explained, self.output_names)
         self._augmented: AugmentedModel | None = None
         # run
         self.runner = Runner(self.lowered, self.output_names, self.providers)
@@ -173,6 +188,7 @@ class DeepExplainer:
     def _explain(self, X, ranked_outputs, order, check_additivity, progress=False) -> list[Explanation]:
         started = time.perf_counter()
         data = feeds(X, self.signature, "data", like=self.background)
+        check_context(data, self.background, self.context, "data")
         predictions_all = self.runner.predict(data)
         indices = self._output_indices(predictions_all, ranked_outputs, order)
         n, k = indices.shape
@@ -183,18 +199,18 @@ class DeepExplainer:
         base = self._expected[indices]
         error = additivity.check_additivity(values, predictions, base, self._expected_magnitude[indices],
                                             self.output_labels, indices, enforce=check_additivity)
-        explained_data = self._explained_data(data)
         elapsed = time.perf_counter() - started
-        return [
-            Explanation(values=v, base_values=base, data=d, output_indices=indices,
-                        output_names=self.output_labels, predictions=predictions, additivity_error=error,
-                        feature_names=self.feature_names if len(self.explained) == 1 else None,
-                        input_name=name, extra={"seconds": elapsed})
-            for v, d, name in zip(values, explained_data, self.explained)
-        ]
+        common = dict(base_values=base, output_indices=indices, output_names=self.output_labels,
+                      predictions=predictions, additivity_error=error)
+        found = self._per_name(dict(zip(self.explained, values)), data)
+        return [Explanation(values=v, data=d, feature_names=self.feature_names if len(found) == 1 else None,
+                            input_name=name, extra={"seconds": elapsed, **extra}, **common)
+                for name, v, d, extra in found]
 
-    def _explained_data(self, data: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if not self.layers:
-            return [data[name] for name in self.explained]
-        values = runtime.evaluate(self.lowered.model, data, self.layers)
-        return [values[name] for name in self.layers]
+    def _per_name(self, values: dict[str, np.ndarray], data: dict[str, np.ndarray]):
+        """``(name, values, data, extra)`` per explained layer or input (token inputs per token, context
+        inputs not at all: :func:`onnxshap.augment.tokens.values_by_input`)."""
+        if self.layers:
+            layer_values = runtime.evaluate(self.lowered.model, data, self.layers)
+            return [(name, values[name], layer_values[name], {}) for name in self.layers]
+        return values_by_input([n for n in self.input_names if n not in self.context], self.tokens, values, data)

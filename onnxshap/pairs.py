@@ -222,14 +222,18 @@ class PairContext:
         """A batch-independent tensor reshaped to broadcast against expanded tensors shaped like ``like``.
 
         Constants broadcast right-aligned; the expanded form has two more axes after the batch axis, so a
-        constant of full rank needs two unit axes inserted there.
+        constant of full rank needs two unit axes inserted there. A row-constant tensor counts by its first row.
         """
         like = like or value
+        if value.name in self.lowered.row_constant:
+            axis = self.lowered.batch_axes[value.name]
+            shape = tuple(1 if i == axis else d for i, d in enumerate(self.shape(value)))
+        else:
+            shape = tuple(value.shape) if value.shape is not None else self.shape(value)
         value = self.const(value)
         if not self.is_variable(like):
             return value
         b, rank = self.batch_axis(like), self.rank(like)
-        shape = tuple(value.shape) if value.shape is not None else self.shape(value)
         if len(shape) <= rank - b - 1:
             return value  # only covers axes after the batch: broadcasts as is
         padded = (1,) * (rank - len(shape)) + tuple(shape)

@@ -785,6 +785,67 @@ MERGED: list[Spec] = [
     Spec("merged_flat_rows", _flat_rows),
 ]
 
-TABLES = LINEAR + ELEMENTWISE + FUSION + MAX_TYPE + SHAPLEY + BILINEAR + MERGED
+# --------------------------------------------------------------------------------------------------
+# gathers whose indices follow the batch but stay in each row (lower/row_gather.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def _batch_range(g: Graph, x: str) -> str:
+    """``arange(n)`` (int64, shape (n,)) from the shape of ``x``, as exporters write it."""
+    rows = g("Squeeze", g("Shape", x, start=0, end=1), g.ints(0))
+    return g("Range", g.const(np.array(0, np.int64)), rows, g.const(np.array(1, np.int64)))
+
+
+def _last_token_flat(g: Graph) -> str:
+    """TorchScript's ``h[arange(b), -1]`` on a flattened (n·3, 4): Gather of ``arange(n)·3 + 2`` on axis 0."""
+    x = g.input("x", 3, 4)
+    hidden = g("Tanh", g("MatMul", x, g.weight(4, 4)))
+    rows = g("Flatten", hidden, axis=2)
+    last = g("Add", g("Mul", _batch_range(g, x), g.ints(3)), g.ints(2))
+    return g("MatMul", g("Gather", rows, last, axis=0), g.weight(4, 2))
+
+
+def _batch_rows_gather(g: Graph) -> str:
+    """TorchScript's last-token pooling after selecting the token: Gather of ``arange(n)`` on the batch axis."""
+    x = g.input("x", 3, 4)
+    token = g("Gather", x, g.const(np.array(-1, np.int64)), axis=1)
+    return g("Gather", token, _batch_range(g, x), axis=0)
+
+
+def _gathernd_batch_rows(g: Graph) -> str:
+    """dynamo's ``h[arange(b), -1]``: GatherND with index rows ``[b, -1]``."""
+    x = g.input("x", 3, 4)
+    hidden = g("Sigmoid", x)
+    batch = g("Unsqueeze", _batch_range(g, x), g.ints(1))
+    last = g("Add", g("Mul", batch, g.ints(0)), g.ints(-1))
+    return g("GatherND", hidden, g("Concat", batch, last, axis=1))
+
+
+def _flat_offsets(offsets: list[int], nd: bool) -> Callable[[Graph], str]:
+    """Channels-last pooling written as ``x.permute(0, 2, 1).reshape(-1)`` and a Gather (or dynamo's GatherND
+    with one index column) of ``b·6 + offset``; offsets may repeat."""
+
+    def build(g: Graph) -> str:
+        x = g.input("x", 2, 3)
+        flat = g("Reshape", g("Transpose", x, perm=[0, 2, 1]), g.ints(-1))
+        starts = g("Unsqueeze", g("Mul", _batch_range(g, x), g.ints(6)), g.ints(1))
+        index = g("Add", starts, g.const(np.array([offsets], np.int64)))
+        picked = g("GatherND", flat, g("Unsqueeze", index, g.ints(2))) if nd else g("Gather", flat, index, axis=0)
+        return g("Mul", picked, g.weight(len(offsets)))
+
+    return build
+
+
+ROW_GATHERS: list[Spec] = [
+    Spec("row_gather_last_token_flat", _last_token_flat),
+    Spec("row_gathernd_batch_rows", _gathernd_batch_rows),
+]
+LINEAR += [  # linear graphs: their values are also checked against J·(x − mean r)
+    Spec("row_gather_batch_arange", _batch_rows_gather),
+    Spec("row_gather_flat_offsets", _flat_offsets([5, 0, 3, 3, 1], nd=False)),
+    Spec("row_gathernd_flat_offsets", _flat_offsets([4, 2, 2, 0], nd=True)),
+]
+
+TABLES = LINEAR + ELEMENTWISE + FUSION + MAX_TYPE + SHAPLEY + BILINEAR + MERGED + ROW_GATHERS
 ALL: dict[str, Spec] = {s.name: s for s in TABLES}
 assert len(ALL) == len(TABLES), "duplicate spec names"

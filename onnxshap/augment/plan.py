@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshap.augment.fusion import region_sources
+from onnxshap.augment.tokens import origins
 from onnxshap.errors import InputDataError, Refusals, UnsupportedModelError
 from onnxshap.graph.builder import Builder
 from onnxshap.graph.edit import is_default_domain
@@ -142,7 +143,7 @@ def _structure_reason(ctx: PairContext, node: ir.Node, sources: dict, outputs: s
             continue
         if not ctx.is_variable(value) and isinstance(ctx.lowered.batch_axes.get(value.name), int) and \
                 value.name not in ctx.lowered.row_constant:
-            return f"input {value.name!r} depends on the data through a path that bypasses the explained tensors"
+            return _bypass_reason(ctx, value)
         if ctx.is_variable(value) and not np.issubdtype(ctx.dtype(value), np.floating) and not absorbed and \
                 node.op_type not in SHAPE_ONLY_OPS:
             return (f"reads {value.name!r}, an integer/boolean tensor computed from the input; its effect cannot "
@@ -160,6 +161,22 @@ def _structure_reason(ctx: PairContext, node: ir.Node, sources: dict, outputs: s
         return (f"boolean/integer tensor {node.outputs[0].name!r} computed from the input leaves an elementwise "
                 "region")
     return None
+
+
+def _bypass_reason(ctx: PairContext, value: ir.Value) -> str:
+    sources = origins(ctx.lowered.model.graph, value)
+    if not sources:
+        return (f"input {value.name!r} is computed from the batch size (like arange(batch)) and does not select "
+                "within each row: rows must be explained independently")
+    reason = (f"input {value.name!r} depends on the data through a path that bypasses the explained tensors (it "
+              f"is computed from {', '.join(map(repr, sources))})")
+    if any(not np.issubdtype(ctx.lowered.dtypes[name], np.floating) for name in sources):
+        reason += ("; integer inputs enter only through embedding lookups (token ids) or as fixed context (an "
+                   "attention mask input, the same in every row, with the batch on an axis of its own): a value "
+                   "computed from token ids on another path (a mask from ids == pad, a pooling index from the last "
+                   "non-pad token) cannot be attributed — pass the attention mask to the model as an input of its "
+                   "own, or export the model from inputs_embeds")
+    return reason
 
 
 def _leaves_region(node: ir.Node, sources: dict, outputs: set[str], visited: set[ir.Node]) -> bool:

@@ -167,12 +167,13 @@ def _feature_shape(value_info: onnx.ValueInfoProto) -> tuple:
 
 def index_bounds(proto) -> dict[str, tuple[int, str]]:
     """Integer graph inputs used as ``Gather`` indices into a constant table (an embedding): input name →
-    (rows of the table along the gathered axis, node name). Followed through Cast and Identity."""
+    (rows of the table along the gathered axis, node name). Followed through Cast, Identity and reshapes."""
     tables = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     source = {i.name: i.name for i in proto.graph.input if i.name not in tables}
     bounds: dict[str, tuple[int, str]] = {}
     for node in proto.graph.node:
-        if node.op_type in ("Cast", "Identity") and node.input and node.input[0] in source:
+        if node.op_type in ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten") and node.input \
+                and node.input[0] in source:
             source[node.output[0]] = source[node.input[0]]
         elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in source \
                 and node.input[0] in tables:

@@ -5,7 +5,9 @@ Passes, in order (each documented in its module):
 1. inline local functions; initializers listed as inputs are weights; the explained inputs' batch is dynamic
    (``batch.py``, which also relaxes exports that fixed the batch at 1);
 2. probe (``probe.py``): run the model on two small batches, read every tensor, write the shapes into it;
-3. fold batch-invariant shape plumbing into constants (``fold.py``);
+3. fold batch-invariant shape plumbing into constants (``fold.py``); rewrite Gathers whose shape-computed
+   indices select inside each row (``arange(batch)``: last-token pooling) into constant-index Gathers
+   (``row_gather.py``);
 4. unroll ``Loop``/``Scan`` with a static trip count (``loops.py``), then ``LSTM``/``GRU``/``RNN``
    (``recurrent.py``) over the sequence length of the data being explained;
 5. decompose composites (``composites.py``): Gemm, BatchNormalization, AveragePool, LayerNormalization, ...;
@@ -30,9 +32,12 @@ from onnxshap.lower.loops import LOOP_OPS, UnrollLoops
 from onnxshap.lower.lowered import LoweredModel
 from onnxshap.lower.probe import Probe, annotate, probe_twice
 from onnxshap.lower.recurrent import UnrollRecurrent
+from onnxshap.lower.row_gather import GatherWithinRows
 
-# Ops that lowering rewrites away (the rule table lists them as "lowered").
-LOWERED_OPS = frozenset(REWRITES) - {"Conv", "ConvTranspose", "MaxPool", "Squeeze"} | LOOP_OPS | RECURRENT_OPS
+# Ops that lowering rewrites away (the rule table lists them as "lowered"); GatherND where its first index
+# column is arange(batch) and the others are constant (row_gather.py).
+LOWERED_OPS = frozenset(REWRITES) - {"Conv", "ConvTranspose", "MaxPool", "Squeeze"} | LOOP_OPS | RECURRENT_OPS | {
+    "GatherND"}
 MAX_PROBE_ROUNDS = 8
 
 
@@ -49,6 +54,8 @@ def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMod
     probes = probe_relaxing_batch(model, examples, fixed_batch)
     expected = {v.name: probes[1][v.name] for v in model.graph.outputs}
     probes = _settle(model, examples, probes)
+    if GatherWithinRows(*probes)(model).modified:
+        probes = _settle(model, examples)
     if UnrollLoops()(model).modified:
         probes = _settle(model, examples)
     if UnrollRecurrent()(model).modified:

@@ -8,9 +8,10 @@ a plain batch axis is ``o = i = 1``.
 
 Layouts are derived in topological order from the graph inputs (batch on axis 0):
 
-- ``Reshape`` keeps memory order, so the number of elements before the batch factor (``outer_total``) and after
-  it (``inner_total``) carry over; the output axis that contains that position gets the factor — or, when the
-  batch would straddle two axes, the rows really mix and the tensor has no layout;
+- ``Reshape`` (and ``Flatten``, ``Squeeze``, ``Unsqueeze``, reshapes too) keeps memory order, so the number of
+  elements before the batch factor (``outer_total``) and after it (``inner_total``) carry over; the output axis
+  that contains that position gets the factor — or, when the batch would straddle two axes, the rows really
+  mix and the tensor has no layout;
 - ``Transpose`` moves the merged axis with its factors;
 - any other op keeps the factors of its inputs: the output axis whose size follows the batch gets the ``(o, i)``
   of the variable input whose merged size ``o·i`` matches (one candidate, or the candidates agree).
@@ -29,6 +30,7 @@ from onnxshap.graph.edit import op_attr
 from onnxshap.lower.probe import PROBE_BATCHES, Probe, batch_axis
 
 MIXED = "merged"  # the batch is spread over the tensor in a way that mixes rows
+RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # ops that keep memory order
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def _derive(node: ir.Node, out: ir.Value, layouts: dict, probe_a: Probe, probe_b
     axis, factor = found
     source = node.inputs[0] if node.inputs else None
     source_layout = layouts.get(source.name) if source is not None else None
-    if node.op_type == "Reshape" and isinstance(source_layout, BatchLayout):
+    if node.op_type in RESHAPES and isinstance(source_layout, BatchLayout):
         layout = _through_reshape(source_layout, probe_a[source.name].shape, probe_a[out.name].shape)
     elif node.op_type == "Transpose" and isinstance(source_layout, BatchLayout):
         perm = op_attr(node, "perm", list(reversed(range(len(probe_a[source.name].shape)))))
