@@ -33,6 +33,7 @@ from onnxshap.load.data import feature_names_of, feeds
 from onnxshap.load.frameworks import framework_to_onnx, is_onnx_source
 from onnxshap.load.model import load_model, signature
 from onnxshap.lower import lower
+from onnxshap.lower.row_gather import check_guards
 from onnxshap.run import Runner, chunking
 
 RANK_ORDERS = ("max", "min", "max_abs")
@@ -92,6 +93,7 @@ class DeepExplainer:
         self.tokens = {} if self.layers else token_inputs(self.lowered, self.input_names)
         self.context = [] if self.layers else context_inputs(self.lowered, self.input_names, self.tokens)
         check_context(self.background, self.background, self.context, "background")
+        check_guards(self.lowered.guards, self.background, "background")
         self.explained = self.layers or explained_tensors(self.input_names, self.tokens, self.context)
         self.output_names = select_outputs(self.lowered, self.signature.outputs, outputs)
         self.plan = make_plan(with_context(self.lowered, self.context), self.explained, self.output_names)
@@ -129,7 +131,7 @@ class DeepExplainer:
 
     def predict(self, X) -> np.ndarray:
         """The explained outputs f(X), flattened to (n, k)."""
-        return self.runner.predict(feeds(X, self.signature, "data", like=self.background))
+        return self.runner.predict(self._data(X))
 
     def shap_values(self, X, ranked_outputs: int | None = None, output_rank_order: str = "max",
                     check_additivity: bool = True):
@@ -187,8 +189,7 @@ class DeepExplainer:
 
     def _explain(self, X, ranked_outputs, order, check_additivity, progress=False) -> list[Explanation]:
         started = time.perf_counter()
-        data = feeds(X, self.signature, "data", like=self.background)
-        check_context(data, self.background, self.context, "data")
+        data = self._data(X)
         predictions_all = self.runner.predict(data)
         indices = self._output_indices(predictions_all, ranked_outputs, order)
         n, k = indices.shape
@@ -206,6 +207,13 @@ class DeepExplainer:
         return [Explanation(values=v, data=d, feature_names=self.feature_names if len(found) == 1 else None,
                             input_name=name, extra={"seconds": elapsed, **extra}, **common)
                 for name, v, d, extra in found]
+
+    def _data(self, X) -> dict[str, np.ndarray]:
+        """``X`` as checked feeds: shapes like the background's, the same context, rows the lowering fits."""
+        data = feeds(X, self.signature, "data", like=self.background)
+        check_context(data, self.background, self.context, "data")
+        check_guards(self.lowered.guards, data, "data")
+        return data
 
     def _per_name(self, values: dict[str, np.ndarray], data: dict[str, np.ndarray]):
         """``(name, values, data, extra)`` per explained layer or input (token inputs per token, context

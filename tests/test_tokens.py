@@ -321,8 +321,10 @@ def test_last_token_pooling_by_arange_is_explained():
     assert np.all(values[:, : L - 1] == 0.0)  # only the last token reaches the output
 
 
-def test_pooling_index_from_the_ids_is_refused_naming_the_node():
-    """GPT-2's classifier: the last non-pad position, argmax(positions · (ids != pad)), picks the row."""
+def test_pooling_index_from_the_ids_is_guarded_row_by_row():
+    """GPT-2's classifier pools at the last non-pad position, argmax(positions · (ids != pad)). Rows that all
+    pool at the same position are explained exactly; a data or background row that pools elsewhere is refused
+    by row, naming the node."""
     index_nodes = [oh.make_node("Equal", ["ids", "pad"], ["is_pad"], name="find_pad"),
                    oh.make_node("Not", ["is_pad"], ["not_pad"], name="not_pad"),
                    oh.make_node("Cast", ["not_pad"], ["not_pad_int"], to=INT64, name="not_pad_int"),
@@ -330,10 +332,21 @@ def test_pooling_index_from_the_ids_is_refused_naming_the_node():
                    oh.make_node("ArgMax", ["weighted"], ["last_real"], axis=1, keepdims=0, name="last_real"),
                    oh.make_node("Add", ["starts", "last_real"], ["index"], name="index")]
     model = _pooled_at(index_nodes, "index")
-    with pytest.raises(UnsupportedModelError) as error:
-        onnxshap.DeepExplainer(model, _ids(4, 2))
-    message = str(error.value)
-    assert "'pool_rows'" in message and "'ids'" in message and "bypasses the explained tensors" in message
+    x, background = _ids(4, 1), _ids(6, 2)
+    explainer = onnxshap.DeepExplainer(model, background)
+    values = explainer.shap_values(x)
+    change = _run(model, x) - _run(model, background).mean(axis=0)
+    np.testing.assert_allclose(values.sum(axis=1), change, rtol=1e-4, atol=1e-5)
+    assert np.all(values[:, : L - 1] == 0.0)  # every row pools at its last token
+    padded = x.copy()
+    padded[2, L - 2:] = PAD  # row 2 pools two positions earlier
+    with pytest.raises(onnxshap.InputDataError, match="data row 2: node 'pool_rows'"):
+        explainer.shap_values(padded)
+    with pytest.raises(onnxshap.InputDataError, match="background row 4: node 'pool_rows'"):
+        onnxshap.DeepExplainer(model, np.concatenate([background[:4], padded[2:3]]))
+    # a padded row among the rows the lowering probes (the first three): no uniform position to lower for
+    with pytest.raises(UnsupportedModelError, match="'pool_rows'.*pooling index from the last non-pad token"):
+        onnxshap.DeepExplainer(model, np.concatenate([background[:2], padded[2:3]]))
 
 
 def test_row_gather_reaching_into_other_rows_is_refused_naming_the_node():

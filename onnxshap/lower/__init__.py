@@ -54,7 +54,8 @@ def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMod
     probes = probe_relaxing_batch(model, examples, fixed_batch)
     expected = {v.name: probes[1][v.name] for v in model.graph.outputs}
     probes = _settle(model, examples, probes)
-    if GatherWithinRows(*probes)(model).modified:
+    row_gathers = GatherWithinRows(*probes)
+    if row_gathers(model).modified:
         probes = _settle(model, examples)
     if UnrollLoops()(model).modified:
         probes = _settle(model, examples)
@@ -71,7 +72,9 @@ def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMod
         raise UnsupportedModelError(f"lowering did not converge: {decompose.deferred} composite node(s) still "
                                     "have inputs of unknown shape; please report this model")
     _verify(model, probes[1], expected)
-    return _lowered(model, *probes)
+    lowered = _lowered(model, *probes)
+    lowered.guards = row_gathers.guards
+    return lowered
 
 
 def _settle(model: ir.Model, examples: dict[str, np.ndarray], probes: tuple[Probe, Probe] | None = None):

@@ -20,6 +20,8 @@ class LoweredModel:
             rows mix: no layout).
         batch_split: per tensor whose batch axis is merged with others, ``(outer, inner)``: that axis has size
             ``outer · B · inner`` (``lower/layout.py``); absent for a plain batch axis.
+        guards: gathers lowered for the positions the probe rows select, computed from token ids; every data
+            and background row must select the same (``lower/row_gather.py``).
         dtypes: numpy dtype of every tensor, by name.
         row_constant: tensors with a batch axis whose value does not depend on the data and is the same in
             every row (zero initial states sized from the batch); rules may use their first row.
@@ -32,6 +34,7 @@ class LoweredModel:
     dtypes: dict[str, np.dtype]
     row_constant: frozenset[str] = frozenset()
     batch_split: dict[str, tuple[int, int]] = field(default_factory=dict)
+    guards: list = field(default_factory=list)  # lower.row_gather.RowGuard: checked on every row fed
 
     def feature_shape(self, name: str) -> tuple[int, ...]:
         """The shape with the batch axis dropped (a tensor with a plain batch axis)."""
