@@ -34,7 +34,7 @@ ROUNDING = 1e-6
 TINY = float(np.finfo(np.float64).tiny)
 
 
-BLOCK_BYTES = 1 << 24  # float64 copies of the values are made for one block of rows at a time
+BLOCK_BYTES = 1 << 22  # float64 copies of the values are made for one block of rows at a time
 
 
 def _sums(values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -218,7 +218,8 @@ class DeepExplainer:
         m = next(iter(self.background.values())).shape[0]
         chunks = chunking(self.augmented, n, m, k, self.max_memory, self.batch_size)
         values = self.runner.explain(self.augmented, data, self.background, indices, chunks, progress, checkpoint)
-        predictions = np.take_along_axis(predictions_all, indices, axis=1)
+        predictions = predictions_all if ranked_outputs is None else np.take_along_axis(predictions_all, indices, 1)
+        del predictions_all
         base = self._expected[indices]
         error = additivity.check_additivity(values, predictions, base, self._expected_magnitude[indices],
                                             self.output_labels, indices, enforce=check_additivity)
