@@ -43,7 +43,12 @@ files: inputs must be regular files (no devices, FIFOs, sockets); .npy/.npz head
   ONNXSHAP_MAX_DATA_BYTES (arrays of one data file, default half the RAM). Outputs (-o, --plot, --save-graph)
   are checked before the work (existing folder, not an input, only regular files replaced) and written
   together at the end, each through .NAME.onnxshap-partial-PID in its folder: no output unless all succeed.
-  A partial file left by a SIGKILL is never the output; delete it.
+  A partial file left by a SIGKILL is never the output; delete it. --save-graph writes the graph without the
+  background; weights over protobuf's 2 GB go to FILE.onnx.data beside it.
+memory: --max-memory bounds each ONNX Runtime call; samples, then references, then outputs are split to fit.
+resume: with --resume, completed chunks are kept in .<output>.onnxshap-resume-<fingerprint>/ beside the output
+  (keyed by the model, the data and the options) and a rerun with --resume continues from them; the folder is
+  removed when the output is written.
 exit codes: 0 success; 1 failed check or runtime error (unsupported op, additivity, a write that failed);
   2 usage error (bad option, missing/unreadable/unsafe file or output, data that does not fit the model);
   130 interrupted (SIGINT); 143 terminated (SIGTERM; partial files removed).

@@ -46,14 +46,21 @@ def chunking(augmented: AugmentedModel, n: int, m: int, k: int, budget: int, bat
         what = ("one (sample, reference, output) triple" if batch_size is None
                 else f"a batch of {batch_size} samples with one reference and one output")
         raise OnnxShapError(
-            f"{what} needs about {memory(samples, 1, 1) / 2**20:.0f} MiB, more than the memory budget of "
-            f"{budget / 2**20:.0f} MiB; raise max_memory (--max-memory)"
+            f"{what} needs about {_size(memory(samples, 1, 1))}, more than the memory budget of {_size(budget)}; "
+            "raise max_memory (--max-memory)"
             + ("" if batch_size is None else " or lower batch_size (--batch-size)"))
     outputs = _largest(lambda o: memory(samples, 1, o), k, budget)
     references = _largest(lambda r: memory(samples, r, outputs), m, budget)
     if batch_size is None:
         samples = _largest(lambda s: memory(s, references, outputs), n, budget)
     return Chunks(_even(min(samples, n), n), _even(references, m), _even(outputs, k))
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _largest(cost, limit: int, budget: int) -> int:

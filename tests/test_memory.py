@@ -242,3 +242,69 @@ def test_a_million_rows_stream_within_the_budget_with_a_progress_bar(tmp_path):
     assert peak <= base + data + results + 64 * MB
     with np.load(big / "values.npz") as saved:
         assert saved["shap_values"].shape == (n, 10, 2) and saved["additivity_error"].max() <= 1e-4
+
+
+# -- chunking -----------------------------------------------------------------------------------------------------
+class _Costs:
+    """Stands in for an AugmentedModel: only its memory model matters to chunking."""
+
+    def __init__(self, per_output: int, per_pair: int, per_row: int) -> None:
+        self.a, self.b, self.c = per_output, per_pair, per_row
+
+    def memory(self, n: int, m: int, k: int) -> int:
+        return n * m * (k * self.a + self.b) + (n + m) * self.c
+
+
+def _calls(total: int, size: int) -> int:
+    return -(-total // size)
+
+
+def test_chunks_fit_the_budget_split_samples_first_and_evenly():
+    from onnxshap.run import chunking
+
+    costs = _Costs(per_output=400, per_pair=900, per_row=300)
+    n, m, k = 1000, 300, 10
+    rng = np.random.default_rng(0)
+    for budget in [costs.memory(n, m, k), *rng.integers(costs.memory(1, 1, 1), costs.memory(n, m, k), 300)]:
+        chunks = chunking(costs, n, m, k, int(budget), None)
+        assert costs.memory(chunks.samples, chunks.references, chunks.outputs) <= budget
+        # samples are split before references, references before outputs
+        assert chunks.references == m or chunks.samples == 1
+        assert chunks.outputs == k or chunks.references == 1
+        # as few calls as the budget allows along the axis being split, and chunks of (nearly) equal size
+        if chunks.samples > 1:
+            fewer = _calls(n, chunks.samples) - 1
+            assert fewer == 0 or costs.memory(-(-n // fewer), m, k) > budget
+        for total, size in ((n, chunks.samples), (m, chunks.references), (k, chunks.outputs)):
+            assert size * _calls(total, size) - total < _calls(total, size)
+
+
+def test_a_budget_that_cannot_hold_one_triple_or_the_batch_size_is_one_clear_error():
+    from onnxshap.run import chunking
+
+    costs = _Costs(per_output=400, per_pair=900, per_row=300)
+    with pytest.raises(OnnxShapError, match=r"^one \(sample, reference, output\) triple needs about"):
+        chunking(costs, 10, 10, 1, costs.memory(1, 1, 1) - 1, None)
+    with pytest.raises(OnnxShapError, match=r"^a batch of 64 samples with one reference and one output needs about "
+                                            r".*lower batch_size \(--batch-size\)$"):
+        chunking(costs, 100, 10, 1, costs.memory(32, 1, 1), 64)
+    chunks = chunking(costs, 100, 10, 4, costs.memory(64, 3, 2), 64)
+    assert chunks.samples == 50 and costs.memory(chunks.samples, chunks.references, chunks.outputs) <= \
+        costs.memory(64, 3, 2)
+
+
+def test_cli_max_memory_takes_sizes_and_refuses_nonsense(tmp_path, capsys):
+    from onnxshap.cli import EXIT_FAILED, EXIT_USAGE
+
+    data = np.load(MODELS / "digits_sample.npy")[:2]
+    np.save(tmp_path / "x.npy", data)
+    args = [str(MODELS / "digits_cnn.onnx"), str(tmp_path / "x.npy"), "-q", "-o", str(tmp_path / "v.npz")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--max-memory", "lots"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "expected a size such as 268435456, 256M or 2G, got 'lots'" in capsys.readouterr().err
+    assert main([*args, "--max-memory", "1K"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "more than the memory budget of 1.0 KiB; raise max_memory (--max-memory)" in err
+    assert not (tmp_path / "v.npz").exists()
+    assert main([*args, "--max-memory", "2M"]) == EXIT_OK

@@ -132,7 +132,7 @@ def test_a_batch_without_the_input_column_is_one_clear_error(explainer, rows):
 
 def _shap_partition(part: pd.DataFrame, explainer) -> pd.DataFrame:
     """The README's Dask recipe."""
-    values = explainer.shap_values(part[explainer.feature_names].to_numpy(np.float32))  # (rows, features, k)
+    values = np.atleast_3d(explainer.shap_values(part[explainer.feature_names].to_numpy(np.float32)))  # (rows, F, k)
     columns = {f"shap_{f}_{j}": values[:, i, j] for i, f in enumerate(explainer.feature_names)
                for j in range(values.shape[-1])}
     return pd.DataFrame(columns, index=part.index)
