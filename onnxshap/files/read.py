@@ -139,13 +139,9 @@ def read_bounded(path: str | os.PathLike, what: str, limit: int, error: ErrorCla
 
 def _read_upto(file: IO[bytes], expected: int, most: int) -> bytes:
     """Up to ``most`` bytes: ``expected`` at once, then blocks of 16 MiB if the file grew while being read."""
-    data = file.read(expected)
-    if len(data) < expected:
-        return data
-    parts, total = [data], len(data)
-    while total < most and (block := file.read(min(1 << 24, most - total))):
-        parts.append(block)
-        total += len(block)
+    parts = [file.read(expected)]
+    while len(parts[0]) == expected and parts[-1] and (total := sum(map(len, parts))) < most:
+        parts.append(file.read(min(1 << 24, most - total)))
     return b"".join(parts)
 
 
