@@ -71,6 +71,8 @@ class DeepExplainer:
 
     def __init__(self, model, data, *, layer=None, outputs=None, device: str = "auto",
                  batch_size: int | None = None, max_memory: int | None = None, feature_names=None) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, got {batch_size}")
         proto = load_model(model if is_onnx_source(model) else framework_to_onnx(model, data))
         self._setup(proto, data, layer=layer, outputs=outputs, device=device, batch_size=batch_size,
                     max_memory=max_memory or _default_budget(), feature_names=feature_names or feature_names_of(data))
@@ -81,8 +83,6 @@ class DeepExplainer:
     def _setup(self, proto: onnx.ModelProto, data, *, layer, outputs, device, batch_size, max_memory,
                feature_names) -> None:
         """Every stage up to the runner (sessions are made on first use); shared by ``__init__`` and unpickling."""
-        if batch_size is not None and batch_size < 1:
-            raise UsageError(f"batch_size must be at least 1, got {batch_size}")
         self._options = {"layer": layer, "outputs": outputs, "device": device, "batch_size": batch_size,
                          "max_memory": max_memory, "feature_names": feature_names}
         self.providers = runtime.providers_for(device)
