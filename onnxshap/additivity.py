@@ -34,6 +34,9 @@ ROUNDING = 1e-6
 TINY = float(np.finfo(np.float64).tiny)
 
 
+BLOCK_BYTES = 1 << 22  # float64 copies of the values are made for one block of rows at a time
+
+
 def _sums(values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """``(Σφ, Σ|φ|)`` per row and output, in float64, from arrays ``(n, *features, k)``."""
     flat = [v.reshape(v.shape[0], -1, v.shape[-1]).astype(np.float64) for v in values]
@@ -44,15 +47,30 @@ def additivity_errors(values: list[np.ndarray], predictions: np.ndarray, base: n
                       base_magnitude: np.ndarray | None = None) -> np.ndarray:
     """Per row and output: ``|Σφ − Δf| / scale`` (see the module docstring); NaN where anything is not finite.
 
+    Computed a block of rows at a time, so the float64 temporaries stay small next to the values.
+
     Args:
         values: per explained tensor, the SHAP values ``(n, *features, k)``.
         predictions: ``f_o(x)`` per row and explained output, ``(n, k)``.
         base: ``E f_o`` per row and explained output, ``(n, k)``.
         base_magnitude: ``E|f_o|`` over the background, like ``base`` (default ``|base|``).
     """
+    predictions, base = np.asarray(predictions), np.asarray(base)
+    base_magnitude = np.abs(base) if base_magnitude is None else np.asarray(base_magnitude)
+    errors = np.empty(predictions.shape, np.float64)
+    features = max(int(np.prod(v.shape[1:], dtype=np.int64)) for v in values)
+    rows = max(1, BLOCK_BYTES // (8 * max(1, features)))
+    for start in range(0, predictions.shape[0], rows):
+        block = slice(start, start + rows)
+        errors[block] = _errors([v[block] for v in values], predictions[block], base[block], base_magnitude[block])
+    return errors
+
+
+def _errors(values: list[np.ndarray], predictions: np.ndarray, base: np.ndarray,
+            base_magnitude: np.ndarray) -> np.ndarray:
     total, magnitude = _sums(values)
-    predictions, base = np.asarray(predictions, np.float64), np.asarray(base, np.float64)
-    base_magnitude = np.abs(base) if base_magnitude is None else np.asarray(base_magnitude, np.float64)
+    predictions, base = predictions.astype(np.float64), base.astype(np.float64)
+    base_magnitude = base_magnitude.astype(np.float64)
     change = predictions - base
     scale = np.maximum(np.abs(change), ROUNDING / TOLERANCE * (magnitude + np.abs(predictions) + base_magnitude))
     with np.errstate(invalid="ignore", over="ignore"):

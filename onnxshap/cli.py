@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -12,10 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from onnxshap.errors import InputDataError, OnnxShapError, OutputFileError, UsageError, first_line
+from onnxshap.files.checkpoint import Checkpoints, fingerprint, stale_folders
+from onnxshap.files.model_files import data_path, stage_model
 from onnxshap.files.read import load_arrays, read_text_file
 from onnxshap.files.write import OutputSet, Terminated, raise_on_sigterm
 from onnxshap.load.data import check_shape, feeds
 from onnxshap.load.model import load_model, signature
+from onnxshap.runtime import runtime_ir_version
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
@@ -43,7 +47,12 @@ files: inputs must be regular files (no devices, FIFOs, sockets); .npy/.npz head
   ONNXSHAP_MAX_DATA_BYTES (arrays of one data file, default half the RAM). Outputs (-o, --plot, --save-graph)
   are checked before the work (existing folder, not an input, only regular files replaced) and written
   together at the end, each through .NAME.onnxshap-partial-PID in its folder: no output unless all succeed.
-  A partial file left by a SIGKILL is never the output; delete it.
+  A partial file left by a SIGKILL is never the output; delete it. --save-graph writes the graph without the
+  background; weights over protobuf's 2 GB go to FILE.onnx.data beside it.
+memory: --max-memory bounds each ONNX Runtime call; samples, then references, then outputs are split to fit.
+resume: with --resume, completed chunks are kept in .<output>.onnxshap-resume-<fingerprint>/ beside the output
+  (keyed by the model, the data and the options) and a rerun with --resume continues from them; the folder is
+  removed when the output is written.
 exit codes: 0 success; 1 failed check or runtime error (unsupported op, additivity, a write that failed);
   2 usage error (bad option, missing/unreadable/unsafe file or output, data that does not fit the model);
   130 interrupted (SIGINT); 143 terminated (SIGTERM; partial files removed).
@@ -79,7 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where ONNX Runtime runs (default auto: CUDA when it loads)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="rows per ONNX Runtime call")
-    parser.add_argument("--save-graph", metavar="FILE.onnx", help="also write the augmented ONNX graph")
+    parser.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
+                        help="memory budget per ONNX Runtime call: bytes or 512M, 2G (default: a quarter of the RAM, "
+                             "at most 1G); samples, then references, then outputs are split to fit")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep checkpoints of completed chunks beside the output and resume from them")
+    parser.add_argument("--save-graph", metavar="FILE.onnx",
+                        help="also write the augmented ONNX graph (background not embedded; weights over 2 GB go "
+                             "to FILE.onnx.data)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the values (images, time series or bars)")
     parser.add_argument("--names", metavar="FILE", help="variable names, one per line (for plots)")
     parser.add_argument("--vocab", metavar="FILE", help="token ids: the vocabulary, one token per line, line i "
@@ -88,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="print more detail")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _memory_size(text: str) -> int:
+    """``--max-memory``: bytes, or a number with K, M, G or T (binary units, an optional trailing B)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
+    if not match or float(match[1]) * _UNITS[match[2]] < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 268435456, 256M or 2G, got {text!r}")
+    return int(float(match[1]) * _UNITS[match[2]])
 
 
 def load_array_file(path: str, what: str, shapes: dict[str, tuple] | None = None, only: str | None = None):
@@ -192,7 +219,6 @@ def _check_options(args) -> None:
 
 def run(args) -> int:
     """Check every option, file and output target; explain; then write every output together."""
-    from onnxshap import plots
     from onnxshap.explainer import DeepExplainer
 
     _check_options(args)
@@ -202,10 +228,12 @@ def run(args) -> int:
     vocabulary = read_text_file(args.vocab, "--vocab").splitlines() if args.vocab else None
     model_files: list[Path] = []
     proto = load_model(args.model, read_files=model_files)
+    checkpoints = None
     with OutputSet(inputs=[*model_files, *_data_files(args)]) as outputs:
         output = outputs.check(args.output or _default_output(args), "output")
         plot = outputs.check(args.plot, "--plot") if args.plot else None
         graph = outputs.check(args.save_graph, "--save-graph") if args.save_graph else None
+        graph_data = outputs.check(data_path(graph), "--save-graph weights") if graph else None
         model = signature(proto)
         shapes = model.feature_shapes
         data = feeds(_collect_data(args, shapes), model, "data")
@@ -213,23 +241,49 @@ def run(args) -> int:
             background = load_array_file(args.background, "background", shapes)
         else:
             background = _sample_background(data, args.background_size, args.seed)
-        explainer = DeepExplainer(proto, background, layer=args.layer, outputs=args.outputs,
-                                  device=args.device, batch_size=args.batch_size, feature_names=names)
+        explainer = DeepExplainer(proto, background, layer=args.layer, outputs=args.outputs, device=args.device,
+                                  batch_size=args.batch_size, max_memory=args.max_memory, feature_names=names)
+        if args.resume:
+            checkpoints = _checkpoints(args, output, model_files, data, explainer)
         result = explainer.explain(data, ranked_outputs=args.rank, output_rank_order=args.rank_order,
-                                   check_additivity=not args.no_check, progress=not args.quiet)
+                                   check_additivity=not args.no_check, progress=not args.quiet,
+                                   checkpoint=checkpoints)
         explanations = result if isinstance(result, list) else [result]
         if plot is not None:
-            figure = _figure(explanations[0], vocabulary)
-            outputs.stage(plot, lambda file: figure.savefig(file, format=plot_format, dpi=plots.DPI))
+            _stage_plot(outputs, plot, plot_format, explanations[0], vocabulary)
         if graph is not None:
-            payload = explainer.augmented.proto.SerializeToString()
-            outputs.stage(graph, lambda file: file.write(payload))
+            stage_model(outputs, graph, explainer.augmented.model, graph_data, ir_version=runtime_ir_version())
         arrays = _result_arrays(explainer, explanations)
         outputs.stage(output, lambda file: np.savez(file, **arrays))
         outputs.commit()
+    if checkpoints is not None:
+        checkpoints.remove()
     if not args.quiet:
-        _summary(explainer, explanations, output, time.perf_counter() - started, args)
+        _summary(explainer, explanations, output, time.perf_counter() - started, args, checkpoints)
     return EXIT_OK
+
+
+def _stage_plot(outputs: OutputSet, plot: Path, plot_format: str, explanation, vocabulary) -> None:
+    from onnxshap import plots
+
+    figure = _figure(explanation, vocabulary)
+    outputs.stage(plot, lambda file: figure.savefig(file, format=plot_format, dpi=plots.DPI))
+
+
+def _checkpoints(args, output: Path, model_files: list[Path], data: dict, explainer) -> Checkpoints:
+    """``--resume``: the checkpoints of this run, keyed by the model's bytes, the data, the background and every
+    option that changes the values (checkpoints of any other run are never used)."""
+    from onnxshap import __version__
+
+    options = {"onnxshap": __version__, "layer": args.layer, "outputs": explainer.output_names, "rank": args.rank,
+               "rank_order": args.rank_order, "providers": explainer.providers, "batch_size": explainer.batch_size,
+               "max_memory": explainer.max_memory}
+    key = fingerprint(model_files, {"data": data, "background": explainer.background}, options)
+    stale = stale_folders(output, key)
+    if stale:
+        print(f"onnxshap: note: {len(stale)} checkpoint folder(s) of other runs beside {output.name} are not used "
+              f"(different model, data or options), e.g. {stale[0].name}; delete them", file=sys.stderr)
+    return Checkpoints(output, key)
 
 
 def _result_arrays(explainer, explanations) -> dict[str, np.ndarray]:
@@ -265,12 +319,14 @@ def _figure(explanation, vocabulary=None):
     return plots.importance_bar(np.abs(values).mean(axis=(0, -1)).reshape(-1), names=explanation.feature_names)
 
 
-def _summary(explainer, explanations, output: Path, seconds: float, args) -> None:
+def _summary(explainer, explanations, output: Path, seconds: float, args, checkpoints=None) -> None:
     first = explanations[0]
     n, k = first.output_indices.shape
     m = next(iter(explainer.background.values())).shape[0]
     print(f"onnxshap: explained {n} row(s) of {args.model} against {m} background row(s), "
           f"{k} output(s) per row")
+    if checkpoints is not None and checkpoints.restored_rows:
+        print(f"  resumed: {checkpoints.restored_rows} of {n} row(s) restored from checkpoints")
     for e in explanations:
         print(f"  {e.input_name}: values {e.values.shape}")
     expected = np.atleast_1d(explainer.expected_value)
@@ -278,11 +334,19 @@ def _summary(explainer, explanations, output: Path, seconds: float, args) -> Non
     print(f"  expected value: [{shown}]")
     print(f"  worst additivity error: {first.additivity_error.max():.3g} (row {int(first.additivity_error.argmax())})")
     if args.verbose:
-        total = sum(np.abs(e.values).mean(axis=(0, -1)) for e in explanations[:1])
-        top = np.argsort(-total.reshape(-1))[:5]
+        top = np.argsort(-_mean_abs(first.values))[:5]
         print(f"  largest mean |value| at flat feature indices {top.tolist()}")
     print(f"  wrote {output}" + (f", {args.plot}" if args.plot else "") +
           (f", {args.save_graph}" if args.save_graph else "") + f" in {seconds:.2f} s")
+
+
+def _mean_abs(values: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Mean |value| per flat feature over rows and outputs, a block of rows at a time (no copy of the values)."""
+    flat = values.reshape(values.shape[0], -1, values.shape[-1])
+    total = np.zeros(flat.shape[1])
+    for start in range(0, flat.shape[0], block):
+        total += np.abs(flat[start:start + block]).sum(axis=(0, 2))
+    return total / max(1, flat.shape[0] * flat.shape[2])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from onnxshap import additivity, runtime
 from onnxshap.augment.build import AugmentedModel, build_augmented
@@ -28,22 +29,27 @@ from onnxshap.augment.tokens import (
 from onnxshap.check import refuse_unknown_ops
 from onnxshap.errors import UsageError
 from onnxshap.explanation import Explanation
-from onnxshap.files.write import write_atomic
+from onnxshap.files.model_files import data_path, needs_external_data, stage_model
+from onnxshap.files.write import OutputSet
 from onnxshap.load.data import feature_names_of, feeds
 from onnxshap.load.frameworks import framework_to_onnx, is_onnx_source
 from onnxshap.load.model import load_model, signature
 from onnxshap.lower import lower
 from onnxshap.lower.row_gather import check_guards
-from onnxshap.run import Runner, chunking
+from onnxshap.run import Checkpoint, Runner, chunking
 
 RANK_ORDERS = ("max", "min", "max_abs")
+PICKLE_FORMAT = 1  # bumped when the pickled state changes
 
 
-def _available_memory() -> int:
+def _default_budget() -> int:
+    """A quarter of the physical memory, at most 1 GiB. Physical, not free memory: the budget sets the chunk
+    sizes, and chunk sizes must not change from run to run (the values would move in their last bits)."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        physical = 8 << 30
+    return min(physical // 4, 1 << 30)
 
 
 class DeepExplainer:
@@ -64,8 +70,12 @@ class DeepExplainer:
             flattened and concatenated into one output vector.
         device: ``"auto"`` (CUDA when it really loads), ``"cpu"`` or ``"cuda"``.
         batch_size: samples per ONNX Runtime call (default: as many as fit ``max_memory``).
-        max_memory: memory budget in bytes for one call (default: a quarter of the available RAM, ≤ 1 GiB).
+        max_memory: memory budget in bytes for one ONNX Runtime call (default: a quarter of the physical RAM,
+            at most 1 GiB); the runner splits samples, then references, then outputs to stay inside it.
         feature_names: names of the last axis of the (single) explained input; DataFrame columns by default.
+
+    The explainer pickles (the model's bytes, the background, the options and the expected values; ONNX Runtime
+    sessions are made again on first use), so it can be sent to a ``ProcessPoolExecutor``, Ray or Dask worker.
 
     Example:
         >>> ex = DeepExplainer("model.onnx", background)          # doctest: +SKIP
@@ -76,12 +86,24 @@ class DeepExplainer:
                  batch_size: int | None = None, max_memory: int | None = None, feature_names=None) -> None:
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+        proto = load_model(model if is_onnx_source(model) else framework_to_onnx(model, data))
+        self._setup(proto, data, layer=layer, outputs=outputs, device=device, batch_size=batch_size,
+                    max_memory=max_memory or _default_budget(), feature_names=feature_names or feature_names_of(data))
+        reference_outputs = self.runner.predict(self.background)
+        self._expected = reference_outputs.mean(axis=0)
+        self._expected_magnitude = np.abs(reference_outputs).mean(axis=0)  # the additivity check's scale
+
+    def _setup(self, proto: onnx.ModelProto, data, *, layer, outputs, device, batch_size, max_memory,
+               feature_names) -> None:
+        """Every stage up to the runner (sessions are made on first use); shared by ``__init__`` and unpickling."""
+        self._options = {"layer": layer, "outputs": outputs, "device": device, "batch_size": batch_size,
+                         "max_memory": max_memory, "feature_names": feature_names}
         self.providers = runtime.providers_for(device)
         self.batch_size = batch_size
-        self.max_memory = max_memory or min(_available_memory() // 4, 1 << 30)
-        self.feature_names = feature_names or feature_names_of(data)
+        self.max_memory = max_memory
+        self.feature_names = feature_names
         # load
-        self.proto = load_model(model if is_onnx_source(model) else framework_to_onnx(model, data))
+        self.proto = proto
         self.signature = signature(self.proto)
         self.input_names = self.signature.inputs
         self.background = feeds(data, self.signature, "background")
@@ -100,11 +122,20 @@ class DeepExplainer:
         self._augmented: AugmentedModel | None = None
         # run
         self.runner = Runner(self.lowered, self.output_names, self.providers)
-        reference_outputs = self.runner.predict(self.background)
-        self.n_outputs = reference_outputs.shape[1]
-        self._expected = reference_outputs.mean(axis=0)
-        self._expected_magnitude = np.abs(reference_outputs).mean(axis=0)  # the additivity check's scale
+        self.n_outputs = sum(self.lowered.output_size(name) for name in self.output_names)
         self.output_labels = self._output_labels()
+
+    # -- pickling: the model's bytes, the background and the options; sessions are made again on first use ----
+    def __getstate__(self) -> dict:
+        return {"format": PICKLE_FORMAT, "model": self.proto.SerializeToString(), "background": self.background,
+                "options": dict(self._options, max_memory=self.max_memory, batch_size=self.batch_size),
+                "expected": self._expected, "expected_magnitude": self._expected_magnitude}
+
+    def __setstate__(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != PICKLE_FORMAT:
+            raise UsageError("this pickled DeepExplainer was written by another version of onnxshap; build it again")
+        self._setup(load_model(state["model"]), state["background"], **state["options"])
+        self._expected, self._expected_magnitude = state["expected"], state["expected_magnitude"]
 
     def _output_labels(self) -> list[str]:
         labels = []
@@ -152,12 +183,14 @@ class DeepExplainer:
         return result
 
     def explain(self, X, ranked_outputs: int | None = None, output_rank_order: str = "max",
-                check_additivity: bool = True, progress: bool = False) -> Explanation | list[Explanation]:
+                check_additivity: bool = True, progress: bool = False,
+                checkpoint: Checkpoint | None = None) -> Explanation | list[Explanation]:
         """An :class:`Explanation` (a list of them when several tensors are explained).
 
-        ``progress=True`` shows a progress bar over chunks on a terminal (silent when not a TTY).
+        ``progress=True`` shows a progress bar over ONNX Runtime calls on a terminal (silent when not a TTY).
+        ``checkpoint`` (see :class:`onnxshap.run.Checkpoint`) restores completed sample chunks and keeps new ones.
         """
-        explanations = self._explain(X, ranked_outputs, output_rank_order, check_additivity, progress)
+        explanations = self._explain(X, ranked_outputs, output_rank_order, check_additivity, progress, checkpoint)
         return explanations[0] if len(explanations) == 1 else explanations
 
     __call__ = explain
@@ -168,12 +201,18 @@ class DeepExplainer:
         Inputs: the model's inputs (the samples), ``reference/<input>`` (the background rows, any number)
         and ``output_index`` (n, k) int64; outputs: ``shap_values_<i>`` per explained tensor and
         ``prediction`` (each name gets a suffix ``_1``, ``_2``, ... when the model already uses it). The
-        background is not embedded: feed it (or any other) at run time. Written with
-        :func:`onnxshap.files.write.write_atomic`: only a missing path or a regular file is replaced, and the
-        folder must exist.
+        background is not embedded: feed it (or any other) at run time. A model whose weights pass protobuf's
+        2 GB limit is written with external data: its weights go to ``path + ".data"`` beside it (load it from
+        the path). Written with :mod:`onnxshap.files.write`'s rules: only a missing path or a regular file is
+        replaced, and the folder must exist.
         """
-        payload = self.augmented.proto.SerializeToString()
-        return write_atomic(path, lambda file: file.write(payload))
+        with OutputSet() as outputs:
+            target = outputs.check(path, "augmented model")
+            model = self.augmented.model
+            side = outputs.check(data_path(target), "its weights") if needs_external_data(model) else None
+            stage_model(outputs, target, model, side, ir_version=runtime.runtime_ir_version())
+            outputs.commit()
+        return target
 
     # -- the work ------------------------------------------------------------------------------------
     def _output_indices(self, predictions: np.ndarray, ranked_outputs, order: str) -> np.ndarray:
@@ -187,7 +226,8 @@ class DeepExplainer:
         key = {"max": -predictions, "min": predictions, "max_abs": -np.abs(predictions)}[order]
         return np.argsort(key, axis=1, kind="stable")[:, : int(ranked_outputs)].astype(np.int64)
 
-    def _explain(self, X, ranked_outputs, order, check_additivity, progress=False) -> list[Explanation]:
+    def _explain(self, X, ranked_outputs, order, check_additivity, progress=False,
+                 checkpoint=None) -> list[Explanation]:
         started = time.perf_counter()
         data = self._data(X)
         predictions_all = self.runner.predict(data)
@@ -195,8 +235,9 @@ class DeepExplainer:
         n, k = indices.shape
         m = next(iter(self.background.values())).shape[0]
         chunks = chunking(self.augmented, n, m, k, self.max_memory, self.batch_size)
-        values = self.runner.explain(self.augmented, data, self.background, indices, chunks, progress)
-        predictions = np.take_along_axis(predictions_all, indices, axis=1)
+        values = self.runner.explain(self.augmented, data, self.background, indices, chunks, progress, checkpoint)
+        predictions = predictions_all if ranked_outputs is None else np.take_along_axis(predictions_all, indices, 1)
+        del predictions_all
         base = self._expected[indices]
         error = additivity.check_additivity(values, predictions, base, self._expected_magnitude[indices],
                                             self.output_labels, indices, enforce=check_additivity)

@@ -9,7 +9,9 @@ are averaged with weights ``m_chunk / m`` (the graph returns the mean over its o
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -31,24 +33,60 @@ class Chunks:
 
 
 def chunking(augmented: AugmentedModel, n: int, m: int, k: int, budget: int, batch_size: int | None) -> Chunks:
-    """The largest chunks within ``budget`` bytes (``batch_size`` fixes the samples per call).
+    """The largest chunks within ``budget`` bytes, split evenly: fewer samples per call first, then fewer
+    references, then fewer outputs (``batch_size`` fixes the samples per call).
 
     Raises:
-        UsageError: not even one (sample, reference, output) triple fits the budget.
+        UsageError: not even one (sample, reference, output) triple (or ``batch_size`` samples with one
+            reference and one output) fits the budget.
     """
-    if augmented.memory(1, 1, 1) > budget:
+    memory = augmented.memory
+    samples = batch_size or 1
+    if memory(samples, 1, 1) > budget:
+        what = ("one (sample, reference, output) triple" if batch_size is None
+                else f"a batch of {batch_size} samples with one reference and one output")
         raise UsageError(
-            f"one (sample, reference, output) triple needs about {augmented.memory(1, 1, 1) / 2**20:.0f} MiB, more "
-            f"than the memory budget of {budget / 2**20:.0f} MiB; raise max_memory (--max-memory)")
-    outputs = k if augmented.memory(1, 1, k) <= budget else max(1, budget // augmented.memory(1, 1, 1))
-    references = m if augmented.memory(1, m, outputs) <= budget else max(
-        1, budget // augmented.memory(1, 1, outputs))
-    samples = batch_size or max(1, budget // augmented.memory(1, references, outputs))
-    return Chunks(min(samples, n), min(references, m), min(outputs, k))
+            f"{what} needs about {_size(memory(samples, 1, 1))}, more than the memory budget of {_size(budget)}; "
+            "raise max_memory (--max-memory)"
+            + ("" if batch_size is None else " or lower batch_size (--batch-size)"))
+    outputs = _largest(lambda o: memory(samples, 1, o), k, budget)
+    references = _largest(lambda r: memory(samples, r, outputs), m, budget)
+    if batch_size is None:
+        samples = _largest(lambda s: memory(s, references, outputs), n, budget)
+    return Chunks(_even(min(samples, n), n), _even(references, m), _even(outputs, k))
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _largest(cost, limit: int, budget: int) -> int:
+    """The largest x in [1, limit] with ``cost(x) <= budget`` (cost is affine and increasing in x, cost(1) fits)."""
+    step = cost(2) - cost(1)
+    return limit if step <= 0 else max(1, min(limit, 1 + (budget - cost(1)) // step))
+
+
+def _even(size: int, total: int) -> int:
+    """The chunk size that splits ``total`` into as many chunks as ``size`` does, all of (nearly) equal size:
+    ONNX Runtime's arena then reuses one set of buffers instead of holding two."""
+    return -(-total // -(-total // size)) if total else size
+
+
+class Checkpoint(Protocol):
+    """Where :meth:`Runner.explain` keeps completed sample chunks (the CLI's ``--resume``)."""
+
+    def restore(self, values: list[np.ndarray], chunk_size: int) -> set[int]:
+        """Copy saved whole sample chunks (of ``chunk_size`` rows) into ``values``; return their first rows."""
+
+    def save(self, start: int, stop: int, values: list[np.ndarray]) -> None:
+        """Keep rows ``start:stop`` of ``values`` (a sample chunk just completed)."""
 
 
 class Runner:
-    """ONNX Runtime sessions for one explainer, and the chunked runs.
+    """ONNX Runtime sessions for one explainer (made on first use), and the chunked runs.
 
     Args:
         lowered: the lowered model.
@@ -57,57 +95,97 @@ class Runner:
     """
 
     def __init__(self, lowered: LoweredModel, outputs: list[str], providers: list[str]) -> None:
+        self.lowered = lowered
         self.providers = providers
         self.outputs = outputs
-        proto = runtime.to_proto(lowered.model)
-        keep = [o for o in proto.graph.output if o.name in outputs]
-        del proto.graph.output[:]
-        proto.graph.output.extend(keep)
-        self._forward = runtime.make_session(proto, providers)
+        self._forward = None
         self._augmented = None
 
+    def forward_session(self):
+        """The forward session: the lowered model with only the explained outputs (made once)."""
+        if self._forward is None:
+            proto = runtime.to_proto(self.lowered.model)
+            keep = [o for o in proto.graph.output if o.name in self.outputs]
+            del proto.graph.output[:]
+            proto.graph.output.extend(keep)
+            self._forward = runtime.make_session(proto, self.providers)
+        return self._forward
+
     def predict(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """The explained outputs, flattened to (n, outputs), in float64."""
-        parts = []
+        """The explained outputs, flattened to (n, outputs), in float64 (written into one array as it goes)."""
+        session = self.forward_session()
         rows = next(iter(feeds.values())).shape[0]
+        predictions = None
         for start in range(0, rows, FORWARD_ROWS):
             chunk = {name: array[start:start + FORWARD_ROWS] for name, array in feeds.items()}
-            results = runtime.run(self._forward, self.outputs, chunk)
-            parts.append(np.concatenate([r.reshape(r.shape[0], -1) for r in results], axis=1))
-        return np.concatenate(parts, axis=0).astype(np.float64)
+            results = [r.reshape(r.shape[0], -1) for r in runtime.run(session, self.outputs, chunk)]
+            if predictions is None:
+                predictions = np.empty((rows, sum(r.shape[1] for r in results)), np.float64)
+            np.concatenate(results, axis=1, out=predictions[start:start + FORWARD_ROWS])
+        return predictions
 
     def session(self, augmented: AugmentedModel):
         """The augmented model's session (made once)."""
         if self._augmented is None:
-            self._augmented = runtime.make_session(augmented.proto, self.providers)
+            self._augmented = runtime.make_session(augmented.model, self.providers)
         return self._augmented
 
     def explain(self, augmented: AugmentedModel, feeds: dict[str, np.ndarray], background: dict[str, np.ndarray],
-                indices: np.ndarray, chunks: Chunks, progress: bool = False) -> list[np.ndarray]:
-        """SHAP values per explained tensor, ``(n, *features, k)`` float32, over the whole background."""
-        session = self.session(augmented)
+                indices: np.ndarray, chunks: Chunks, progress: bool = False,
+                checkpoint: Checkpoint | None = None) -> list[np.ndarray]:
+        """SHAP values per explained tensor, ``(n, *features, k)`` float32, over the whole background.
+
+        The result arrays are allocated once and filled chunk by chunk (nothing is concatenated at the end);
+        with a ``checkpoint``, sample chunks it restores are skipped and each completed one is saved.
+        """
         n, k = indices.shape
-        m = next(iter(background.values())).shape[0]
-        values: list[np.ndarray] | None = None
-        steps = [(s, r, o) for s in range(0, n, chunks.samples) for o in range(0, k, chunks.outputs)
-                 for r in range(0, m, chunks.references)]
-        for s, r, o in _progress(steps, progress):
-            run_feeds = {augmented.inputs[name]: feeds[name][s:s + chunks.samples] for name in augmented.inputs}
-            run_feeds.update({augmented.references[name]: array[r:r + chunks.references]
-                              for name, array in background.items()})
-            run_feeds[augmented.output_index] = indices[s:s + chunks.samples, o:o + chunks.outputs]
-            results = runtime.run(session, augmented.values, run_feeds)
-            if values is None:
-                values = [np.zeros((n, *v.shape[1:-1], k), np.float32) for v in results]
-            weight = np.float32(min(chunks.references, m - r) / m)
-            for store, result in zip(values, results):
-                store[s:s + chunks.samples, ..., o:o + chunks.outputs] += result if weight == 1 else weight * result
+        values = [np.zeros((n, *shape, k), np.float32) for shape in augmented.value_shapes]
+        done = checkpoint.restore(values, chunks.samples) if checkpoint is not None else set()
+        starts = [s for s in range(0, n, chunks.samples) if s not in done]
+        per_samples = -(-k // chunks.outputs) * -(-_rows(background) // chunks.references)
+        with _progress_bar(len(starts) * per_samples, progress) as bar:
+            for s in starts:
+                stop = min(s + chunks.samples, n)
+                self._explain_samples(augmented, feeds, background, indices, chunks, values, s, stop, bar)
+                if checkpoint is not None:
+                    checkpoint.save(s, stop, values)
         return values
 
+    def _explain_samples(self, augmented, feeds, background, indices, chunks, values, s, stop, bar) -> None:
+        """Rows ``s:stop`` of every value array, summed over reference chunks (weights ``m_chunk / m``)."""
+        session = self.session(augmented)
+        m, k = _rows(background), indices.shape[1]
+        run_feeds = {augmented.inputs[name]: feeds[name][s:stop] for name in augmented.inputs}
+        for o in range(0, k, chunks.outputs):
+            run_feeds[augmented.output_index] = indices[s:stop, o:o + chunks.outputs]
+            for r in range(0, m, chunks.references):
+                run_feeds.update({augmented.references[name]: array[r:r + chunks.references]
+                                  for name, array in background.items()})
+                results = runtime.run(session, augmented.values, run_feeds)
+                weight = np.float32(min(chunks.references, m - r) / m)
+                for store, result in zip(values, results):
+                    if weight != 1:
+                        result *= weight
+                    store[s:stop, ..., o:o + chunks.outputs] += result
+                bar.update(1)
 
-def _progress(steps: list, show: bool):
-    if not show or len(steps) < 2:
-        return steps
+
+def _rows(arrays: dict[str, np.ndarray]) -> int:
+    return next(iter(arrays.values())).shape[0]
+
+
+class _NoBar:
+    def update(self, steps: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress_bar(steps: int, show: bool):
+    """A tqdm bar over ``steps`` ONNX Runtime calls on a terminal (none when not asked, or for one call)."""
+    if not show or steps < 2:
+        yield _NoBar()
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(steps, desc="onnxshap", unit="chunk", disable=None)
+    with tqdm(total=steps, desc="onnxshap", unit="call", disable=None) as bar:
+        yield bar

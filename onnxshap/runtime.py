@@ -4,7 +4,8 @@
   loads in a session (onnxruntime-gpu lists ``CUDAExecutionProvider`` even on machines without a GPU); the
   check runs with ONNX Runtime's logging silenced so CPU-only machines see no error spew.
 - :func:`to_proto` serializes a model with an IR version the installed runtime reads.
-- :func:`make_session` builds a session in one of two modes: ``"explain"`` (every graph optimisation, the
+- :func:`make_session` builds a session (from files with external data when the model is over protobuf's 2 GB
+  limit, :mod:`onnxshap.files.model_files`) in one of two modes: ``"explain"`` (every graph optimisation, the
   thread pool) for the work, ``"probe"`` (no optimisation, one thread) for small probing runs where session
   set-up dominates.
 - :func:`run` and :func:`evaluate` run sessions; every failure becomes one :class:`OnnxRuntimeError` line.
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import warnings
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,6 +26,8 @@ import onnx.helper as oh
 import onnx_ir as ir
 
 from onnxshap.errors import OnnxRuntimeError, UsageError, first_line
+from onnxshap.files import model_files
+from onnxshap.files.write import OutputSet
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU = ["CPUExecutionProvider"]
@@ -68,6 +73,9 @@ def _options(mode: str):
     if mode == "explain":
         options.log_severity_level = 4  # failures come back as exceptions, worded by the caller; no log lines
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Memory patterns pre-allocate one block per input shape beside the arena's freed chunks: measured, they
+        # doubled the peak and cost time whenever chunk sizes change (the last chunk of each kind does).
+        options.enable_mem_pattern = False
         threads = int(os.environ.get("ONNXSHAP_THREADS", "0"))
         if threads:
             options.intra_op_num_threads = threads
@@ -139,11 +147,29 @@ def make_session(model: ir.Model | onnx.ModelProto | bytes, providers: list[str]
     Raises:
         OnnxRuntimeError: ONNX Runtime refused the model (its first line).
     """
+    if isinstance(model, ir.Model) and model_files.needs_external_data(model):
+        return _session_from_files(model, providers, mode)
     payload = model if isinstance(model, bytes) else to_proto(model).SerializeToString()
+    return _session(payload, providers, mode)
+
+
+def _session(source: bytes | str, providers: list[str] | None, mode: str):
     try:
-        return _ort().InferenceSession(payload, _options(mode), providers=providers or CPU)
+        return _ort().InferenceSession(source, _options(mode), providers=providers or CPU)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise OnnxRuntimeError(f"ONNX Runtime refused the model: {first_line(exc)}") from None
+
+
+def _session_from_files(model: ir.Model, providers: list[str] | None, mode: str):
+    """A session for a model over protobuf's 2 GB limit: written with external data to a temporary folder that
+    ONNX Runtime reads from (it copies or maps the weights; the folder is removed once the session exists)."""
+    with tempfile.TemporaryDirectory(prefix="onnxshap-model-") as folder:
+        path = Path(folder) / "model.onnx"
+        with OutputSet() as outputs:
+            model_files.stage_model(outputs, outputs.check(path, "temporary model"), model,
+                                    ir_version=runtime_ir_version())
+            outputs.commit()
+        return _session(str(path), providers, mode)
 
 
 def run(session, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -4,7 +4,7 @@ Layers, lowest first; a module may import only from its own layer or lower ones 
 count too), and the module graph has no cycle:
 
     errors → graph, files → runtime → converters → load → lower → pairs → rules → check, augment → run →
-    additivity, explanation, plots, text, timeseries → explainer → support, cli → the package facade
+    additivity, explanation, plots, text, timeseries → explainer → integrations → support, cli → the package facade
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ LAYERS = [
     ["onnxshap.run"],
     ["onnxshap.additivity", "onnxshap.explanation", "onnxshap.plots", "onnxshap.text", "onnxshap.timeseries"],
     ["onnxshap.explainer"],
+    ["onnxshap.integrations"],
     ["onnxshap.support", "onnxshap.cli"],
     ["onnxshap"],
 ]

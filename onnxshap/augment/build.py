@@ -16,6 +16,7 @@ Names that would collide with the model's own tensors get a suffix; :class:`Augm
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +26,16 @@ import onnx_ir as ir
 from onnxshap import runtime
 from onnxshap.augment.plan import Plan, walk
 from onnxshap.augment.sweep import sweep
+from onnxshap.errors import OnnxShapError
+from onnxshap.files.model_files import needs_external_data, weight_bytes
 from onnxshap.graph.builder import Builder
 from onnxshap.graph.edit import all_names, remove_dead_nodes
 from onnxshap.lower.lowered import LoweredModel
 from onnxshap.pairs import Multiplier, PairContext, PairSizes
 from onnxshap.rules.softmax import factor_bytes_per_pair
+
+PEAK_TENSORS_PER_OUTPUT = 4  # live pair-sized float32 tensors per explained output (measured: 2.6-3.3)
+PEAK_TENSORS_PER_PAIR = 8  # live pair-sized tensors that do not grow with k (measured: 5-8 beside the forward)
 
 
 @dataclass
@@ -37,28 +43,45 @@ class AugmentedModel:
     """An augmented model ready for ONNX Runtime, and how to read it.
 
     Attributes:
-        proto: the model.
+        model: the model (onnx-ir; :attr:`proto` serializes it when it is below protobuf's 2 GB limit).
         inputs: graph input names of the samples, by model input name.
         references: graph input names of the references, by model input name.
         output_index: name of the ``output_index`` input.
         values: per explained tensor, the name of its SHAP-value output.
+        value_shapes: per explained tensor, its feature shape (the values are ``(n, *shape, k)``).
         prediction: name of the prediction output.
-        bytes_per_pair: estimated peak memory per (sample, reference) pair and explained output, and per pair
-            for what does not grow with k: ``memory ≈ n·m·(k·per_output + per_pair)`` bytes.
+        bytes_per_output, bytes_per_pair, bytes_per_row: the memory model of one run (see :meth:`memory`).
     """
 
-    proto: onnx.ModelProto
+    model: ir.Model
     inputs: dict[str, str]
     references: dict[str, str]
     output_index: str
     values: list[str]
+    value_shapes: list[tuple[int, ...]]
     prediction: str
     bytes_per_output: int
     bytes_per_pair: int
+    bytes_per_row: int
 
     def memory(self, n: int, m: int, k: int) -> int:
-        """Estimated peak bytes of one run on n samples, m references and k outputs."""
-        return n * m * (k * self.bytes_per_output + self.bytes_per_pair)
+        """Estimated peak bytes of one run on n samples, m references and k outputs:
+        ``n·m·(k·bytes_per_output + bytes_per_pair) + (n + m)·bytes_per_row``."""
+        return n * m * (k * self.bytes_per_output + self.bytes_per_pair) + (n + m) * self.bytes_per_row
+
+    @functools.cached_property
+    def proto(self) -> onnx.ModelProto:
+        """The model as one ModelProto.
+
+        Raises:
+            OnnxShapError: its weights pass protobuf's 2 GB limit (save it with ``save_augmented``, which writes
+                them to a side file).
+        """
+        if needs_external_data(self.model):
+            raise OnnxShapError(f"the augmented model holds {weight_bytes(self.model) / 2**30:.2f} GiB of weights, "
+                                "over protobuf's 2 GB limit for one ModelProto; save it with save_augmented(path) "
+                                "(weights in path + '.data')")
+        return runtime.to_proto(self.model)
 
 
 def build_augmented(plan: Plan) -> AugmentedModel:
@@ -89,17 +112,27 @@ def build_augmented(plan: Plan) -> AugmentedModel:
              for i, (name, value) in enumerate(zip(plan.explained, explained))]
     prediction = _output(graph, _prediction(ctx, outputs), _free("prediction", taken), ["n", _total(ctx, outputs)])
     remove_dead_nodes(model)
-    largest = max(int(np.prod(ctx.lowered.feature_shape(n), dtype=np.int64)) for n in found.variable
-                  if isinstance(ctx.lowered.batch_axes.get(n), int))
-    softmax_factors = max((factor_bytes_per_pair(ctx, n) for n in found.nodes
-                           if n.op_type in ("Softmax", "LogSoftmax")), default=0)
     return AugmentedModel(
-        proto=runtime.to_proto(model), inputs={name: name for name in samples},
+        model=model, inputs={name: name for name in samples},
         references={k: v.name for k, v in references.items()},
         output_index=output_index.name, values=names, prediction=prediction,
-        bytes_per_output=4 * 6 * largest,  # measured: ~2-3 live tensors of the largest pair size
-        bytes_per_pair=4 * 16 * largest + softmax_factors,
-    )
+        value_shapes=[tuple(plan.lowered.feature_shape(name)) for name in plan.explained], **_memory_model(ctx, found))
+
+
+def _memory_model(ctx: PairContext, found) -> dict[str, int]:
+    """Bytes per (pair, output), per pair and per stacked row of one run (:meth:`AugmentedModel.memory`).
+
+    Measured with ONNX Runtime 1.31 (README, "Speed and memory"): the peak is a few live float32 tensors of the
+    largest pair-sized tensor per explained output and per pair, the softmax rule's float64 factors, and every
+    forward activation of the n + m stacked rows (the backward reads them all).
+    """
+    sizes = [int(np.prod(ctx.lowered.feature_shape(n), dtype=np.int64)) for n in found.variable
+             if isinstance(ctx.lowered.batch_axes.get(n), int)]
+    softmax_factors = max((factor_bytes_per_pair(ctx, n) for n in found.nodes
+                           if n.op_type in ("Softmax", "LogSoftmax")), default=0)
+    return {"bytes_per_output": 4 * PEAK_TENSORS_PER_OUTPUT * max(sizes),
+            "bytes_per_pair": 4 * PEAK_TENSORS_PER_PAIR * max(sizes) + softmax_factors,
+            "bytes_per_row": 4 * sum(sizes)}
 
 
 def _with_stacked(lowered: LoweredModel, stacked: dict[str, ir.Value]) -> LoweredModel:

@@ -131,10 +131,18 @@ def read_bounded(path: str | os.PathLike, what: str, limit: int, error: ErrorCla
         size = os.fstat(file.fileno()).st_size
         if size > limit:
             raise error(f"{what} file {path} is {size} bytes, over the limit of {limit} bytes{hint}")
-        data = file.read(min(size, limit) + 1)  # not limit + 1: read(n) allocates n bytes up front
+        data = _read_upto(file, min(size, limit) + 1, limit + 1)  # not read(limit + 1): that allocates limit bytes
     if len(data) > limit:
         raise error(f"{what} file {path} grew past the limit of {limit} bytes while being read{hint}")
     return data
+
+
+def _read_upto(file: IO[bytes], expected: int, most: int) -> bytes:
+    """Up to ``most`` bytes: ``expected`` at once, then blocks of 16 MiB if the file grew while being read."""
+    parts = [file.read(expected)]
+    while len(parts[0]) == expected and parts[-1] and (total := sum(map(len, parts))) < most:
+        parts.append(file.read(min(1 << 24, most - total)))
+    return b"".join(parts)
 
 
 def read_model_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:

@@ -1,0 +1,1 @@
+"""Integrations with engines that run explanations at scale (Ray Data); each imports its engine lazily."""
