@@ -161,7 +161,8 @@ class Graph:
         imports = [oh.make_opsetid("", opset)] + [oh.make_opsetid(d, 1) for d in sorted(self.domains)]
         model = oh.make_model(graph, opset_imports=imports)
         model.ir_version = IR_VERSION
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=not self.domains)
+        standard = all(onnx.defs.has(n.op_type) for n in self.nodes if not n.domain)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=standard and not self.domains)
 
         def typed(v: onnx.ValueInfoProto) -> bool:
             return v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
@@ -190,6 +191,9 @@ class Spec:
         dist: one distribution for every input, or one per input name.
         opset: the graph's default-domain opset.
         xfail: why onnxshap gets this graph wrong or refuses it today (its tests are expected to fail).
+        standard: the same function written in standard ONNX ops, for ONNX Runtime's reference forward pass
+            when ``build`` writes an op no opset defines (tf2onnx's ``Erfc``, which onnxshap rewrites on load);
+            None: ``build`` itself.
     """
 
     name: str
@@ -197,11 +201,16 @@ class Spec:
     dist: Dist | Mapping[str, Dist] = normal
     opset: int = OPSET
     xfail: str | None = None
+    standard: Callable[[Graph], str | Sequence[str]] | None = None
 
-    def model(self, dtype=np.float32) -> onnx.ModelProto:
+    def model(self, dtype=np.float32, build: Callable[[Graph], str | Sequence[str]] | None = None) -> onnx.ModelProto:
         g = Graph(dtype, zlib.crc32(self.name.encode()))
-        outputs = self.build(g)
+        outputs = (build or self.build)(g)
         return g.model([outputs] if isinstance(outputs, str) else list(outputs), self.opset)
+
+    def reference_model(self, dtype=np.float32) -> onnx.ModelProto:
+        """The graph ONNX Runtime evaluates as the reference ``f`` (``standard`` when given)."""
+        return self.model(dtype, self.standard)
 
     def draw(self, rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
         dist = self.dist[name] if isinstance(self.dist, Mapping) else self.dist
@@ -509,6 +518,7 @@ ELEMENTWISE: list[Spec] = [
     Spec("gelu_tanh", unary("Gelu", approximate="tanh"), away(low=-3, high=3)),
     Spec("mish", unary("Mish"), away(low=-3, high=3)),
     Spec("erf", unary("Erf")),
+    Spec("erfc_tf2onnx", unary("Erfc"), standard=lambda g: g("Sub", g.const(1.0), g("Erf", g.input("x", 2, 3)))),
     Spec("exp", unary("Exp")),
     Spec("log", unary("Log"), positive),
     Spec("sqrt", unary("Sqrt"), positive),
@@ -562,6 +572,19 @@ def _gelu_erf(g: Graph) -> str:
     x = g.input("x", 2, 3)
     cdf = g("Add", g.const(1.0), g("Erf", g("Div", x, g.const(np.sqrt(2.0)))))
     return g("Mul", g("Mul", x, g.const(0.5)), cdf)
+
+
+def _gelu_keras(erfc: bool) -> Callable[[Graph], str]:
+    """Keras 3's exact GELU as tf2onnx writes it, ``0.5·x·erfc(−x·(1/√2))``; ``erfc=False``: with ``1 − Erf``
+    in place of ``Erfc`` (the reference ONNX Runtime can run)."""
+
+    def build(g: Graph) -> str:
+        x = g.input("x", 2, 3)
+        scaled = g("Mul", g("Neg", x), g.const(1 / np.sqrt(2.0)))
+        tail = g("Erfc", scaled) if erfc else g("Sub", g.const(1.0), g("Erf", scaled))
+        return g("Mul", g("Mul", x, g.const(0.5)), tail)
+
+    return build
 
 
 def _leaky_where(g: Graph) -> str:
@@ -632,6 +655,7 @@ def _mlp_head(g: Graph) -> str:
 FUSION: list[Spec] = [
     Spec("silu_written", _silu, away(low=-3, high=3)),
     Spec("gelu_written_erf", _gelu_erf, away(low=-3, high=3)),
+    Spec("gelu_keras_erfc", _gelu_keras(erfc=True), away(low=-3, high=3), standard=_gelu_keras(erfc=False)),
     Spec("leaky_relu_where", _leaky_where, KINK0),
     Spec("mish_written", _mish_written, away(low=-3, high=3)),
     Spec("hard_swish_written", _hard_swish_written, away(-3, 3, low=-4.5, high=4.5)),

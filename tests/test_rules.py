@@ -96,7 +96,7 @@ class Forward:
 
 @functools.cache
 def forward32(name: str) -> Forward:
-    return Forward(rs.ALL[name].model(np.float32))
+    return Forward(rs.ALL[name].reference_model(np.float32))
 
 
 @functools.cache
@@ -105,8 +105,8 @@ def reference_forward(name: str) -> tuple[Forward, float]:
     float64 kernel for one of its ops."""
     spec = rs.ALL[name]
     try:
-        forward = Forward(spec.model(np.float64))
-        model = spec.model(np.float32)
+        forward = Forward(spec.reference_model(np.float64))
+        model = spec.reference_model(np.float32)
         forward({i.name: np.zeros((1, *_shape(i)), np.float64) for i in model.graph.input})
         return forward, FD_STEP
     except Exception:  # noqa: BLE001 - "no kernel for type double" is raised as several ORT types
