@@ -15,6 +15,7 @@ from onnxshap.errors import InputDataError, OnnxShapError, OutputFileError, Usag
 from onnxshap.files.read import load_arrays, read_text_file
 from onnxshap.files.write import OutputSet, Terminated, raise_on_sigterm
 from onnxshap.load.data import check_shape, feeds
+from onnxshap.load.frameworks import framework_to_onnx, is_keras_path
 from onnxshap.load.model import load_model, signature
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -31,6 +32,7 @@ examples:
   onnxshap model.onnx data.npy -b background.npy -o values.npz --plot values.png
   onnxshap model.onnx data.npy --rank 1             explain only each row's top output
   onnxshap model.onnx --input ids:a.npy --input mask:b.npy      a model with several inputs (.npz works too)
+  onnxshap model.keras data.npy                     a Keras model (.keras, .h5, SavedModel folder), via tf2onnx
 
 output (.npz): shap_values (n, *input shape, k) [shap_values_<input> for several inputs], expected_value (k,),
   output_indices (n, k), predictions (n, k), additivity_error (n,).
@@ -55,7 +57,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxshap", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="the model, an .onnx file")
+    parser.add_argument("model", help="the model: an .onnx file, a Keras .keras/.h5 file or a SavedModel folder "
+                        "(exported to ONNX on the background rows and checked against Keras)")
     parser.add_argument("data", nargs="?", help="rows to explain: .npy (one input) or .npz (arrays by input name)")
     parser.add_argument("--input", action="append", default=[], metavar="NAME:FILE.npy",
                         help="data for one named input (repeat for several inputs)")
@@ -177,6 +180,30 @@ def _plot_format(path: str) -> str:
     return fmt
 
 
+def _read_model(args, model_files: list[Path]):
+    """The model as ONNX: an ONNX file as it is; a Keras file or SavedModel folder exported with
+    ``onnxshap.converters.export_keras`` on the background rows (``-b``, else the rows sampled from the data),
+    the export checked against Keras."""
+    if not is_keras_path(args.model):
+        return load_model(args.model, read_files=model_files)
+    model_files.append(Path(args.model))
+    source = args.background or args.data or (args.input[0].rpartition(":")[2] if args.input else None)
+    if source is None:
+        raise InputDataError("no data: pass a .npy/.npz file after the model, or --input NAME:FILE.npy")
+    if len(args.input) > 1:
+        raise InputDataError(f"{args.model}: a Keras model with several inputs cannot be read from --input "
+                             "files; export it with onnxshap.converters.export_keras and explain the .onnx file")
+    rows = load_array_file(source, "background" if args.background else "data")
+    if isinstance(rows, dict):
+        if len(rows) != 1:
+            raise InputDataError(f"{source} holds {len(rows)} arrays; a Keras model is exported on one input "
+                                 "array (export a multi-input model with onnxshap.converters.export_keras)")
+        rows = next(iter(rows.values()))
+    if not args.background:
+        rows = _sample_background(rows, args.background_size, args.seed)
+    return load_model(framework_to_onnx(args.model, rows))
+
+
 def _check_options(args) -> None:
     if args.background_size < 1:
         raise UsageError("--background-size must be at least 1")
@@ -194,7 +221,7 @@ def run(args) -> int:
     started = time.perf_counter()
     names = read_text_file(args.names, "--names").split() if args.names else None
     model_files: list[Path] = []
-    proto = load_model(args.model, read_files=model_files)
+    proto = _read_model(args, model_files)
     with OutputSet(inputs=[*model_files, *_data_files(args)]) as outputs:
         output = outputs.check(args.output or _default_output(args), "output")
         plot = outputs.check(args.plot, "--plot") if args.plot else None

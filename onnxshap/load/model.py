@@ -48,7 +48,8 @@ def load_model(model, max_bytes: int | None = None, read_files: list[Path] | Non
         path = Path(model)
         where = str(path)
         if path.is_dir():
-            raise ModelLoadError(f"model path is a folder, not an .onnx file: {path}")
+            raise ModelLoadError(f"model path is a folder, not an .onnx file (nor a SavedModel folder: no "
+                                 f"saved_model.pb): {path}")
         proto = _parse(read_model_bytes(path, max_bytes), str(path))
         external = load_external_data(proto, path, max_bytes)
         if read_files is not None:
