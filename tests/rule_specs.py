@@ -321,6 +321,28 @@ def _gather_seq_first(g: Graph) -> str:
     return g("Gather", steps, g.const(np.array(-1, np.int64)), axis=0)
 
 
+def full_lengths(g: Graph, x: str, batch_axis: int, time_axis: int, less: int = 0) -> str:
+    """``Expand(T − less, [batch])`` from ``x``'s shape: tf2onnx's sequence lengths for ``go_backwards``."""
+    shape = g("Shape", x)
+    steps = g("Sub", g("Gather", shape, g.const(np.array(time_axis, np.int64))), g.const(np.array(less, np.int64)))
+    rows = g("Slice", shape, g.ints(batch_axis), g.ints(batch_axis + 1), g.ints(0))
+    return g("Expand", steps, rows)
+
+
+def _reverse_sequence(time_major: bool) -> Callable[[Graph], str]:
+    """Every row reversed over all T = 3 steps (batch-major, or time-major as tf2onnx writes it)."""
+
+    def build(g: Graph) -> str:
+        x = g.input("x", 3, 4)
+        if not time_major:
+            return g("ReverseSequence", x, full_lengths(g, x, 0, 1), batch_axis=0, time_axis=1)
+        steps = g("Transpose", x, perm=[1, 0, 2])
+        flipped = g("ReverseSequence", steps, full_lengths(g, steps, 1, 0), batch_axis=1, time_axis=0)
+        return g("Transpose", flipped, perm=[1, 0, 2])
+
+    return build
+
+
 def _pad(mode: str, pads, value=None) -> Callable[[Graph], str]:
     def build(g: Graph) -> str:
         extra = [g.const(np.float32(value))] if value is not None else []
@@ -456,6 +478,8 @@ LINEAR: list[Spec] = [
     Spec("gather_vector_repeats", _gather([3, 0, 3, -1], 2)),
     Spec("gather_2d_indices", _gather([[0, 2], [2, 1]], 1)),
     Spec("gather_last_step_seq_first", _gather_seq_first),
+    Spec("reverse_sequence_full", _reverse_sequence(time_major=False)),
+    Spec("reverse_sequence_full_time_major", _reverse_sequence(time_major=True)),
     Spec("pad_constant", _pad("constant", [0, 1, 0, 0, 0, 2], value=0.7)),
     Spec("pad_constant_crop", _pad("constant", [0, -1, 1, 0, 1, -1])),
     Spec("pad_reflect", _pad("reflect", [0, 2, 1, 0, 0, 3])),
@@ -587,6 +611,19 @@ def _gelu_keras(erfc: bool) -> Callable[[Graph], str]:
     return build
 
 
+def _mask_through_layout(g: Graph) -> str:
+    """A step mask from the data, ``keep_t = x[t, 0] > 0``, carried as a boolean through Unsqueeze → Transpose →
+    Gather (as a masked RNN's loop reads it), then selecting ``m·tanh(x_1 W) + (1 − m)·tanh(x_0 W)`` with
+    ``m = Cast(keep_1)`` and ``1 − m = Cast(Not(keep_1))`` (tf2onnx's form of Keras's masked state update)."""
+    x = g.input("x", 3, 2)
+    keep = g("Greater", g("Gather", x, g.const(np.array(0, np.int64)), axis=2), g.const(0.0))  # (n, 3)
+    steps = g("Transpose", g("Unsqueeze", keep, g.ints(2)), perm=[1, 0, 2])  # (3, n, 1)
+    keep_1 = g("Gather", steps, g.const(np.array(1, np.int64)), axis=0)  # (n, 1)
+    w = g.weight(2, 4)
+    new, old = (g("Tanh", g("MatMul", g("Gather", x, g.const(np.array(t, np.int64)), axis=1), w)) for t in (1, 0))
+    return g("Add", g("Mul", g("Cast", keep_1, to=g.elem), new), g("Mul", g("Cast", g("Not", keep_1), to=g.elem), old))
+
+
 def _leaky_where(g: Graph) -> str:
     x = g.input("x", 2, 3)
     return g("Where", g("Greater", x, g.const(0.0)), x, g("Mul", x, g.const(0.1)))
@@ -656,6 +693,7 @@ FUSION: list[Spec] = [
     Spec("silu_written", _silu, away(low=-3, high=3)),
     Spec("gelu_written_erf", _gelu_erf, away(low=-3, high=3)),
     Spec("gelu_keras_erfc", _gelu_keras(erfc=True), away(low=-3, high=3), standard=_gelu_keras(erfc=False)),
+    Spec("boolean_mask_through_layout", _mask_through_layout, KINK0),
     Spec("leaky_relu_where", _leaky_where, KINK0),
     Spec("mish_written", _mish_written, away(low=-3, high=3)),
     Spec("hard_swish_written", _hard_swish_written, away(-3, 3, low=-4.5, high=4.5)),
