@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from onnxshap.graph.builder import Builder
 from onnxshap.graph.edit import is_default_domain
-from onnxshap.lower.fold import value_dependent
+from onnxshap.lower.fold import SHAPE_ONLY_OPS
 
 # op type → the positions of its data inputs (None: all of them); the other inputs are shapes or indices
 LAYOUT_OPS: dict[str, tuple[int, ...] | None] = {
@@ -43,7 +43,7 @@ class FloatBooleanLayout(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        dependent = value_dependent(graph)
+        dependent = _from_float_inputs(graph)
         builder = Builder(graph, "lower")
         floats: dict[ir.Value, ir.Value] = {}  # a boolean → its 0/1 float copy
         backs: list[ir.Value] = []
@@ -69,8 +69,18 @@ class FloatBooleanLayout(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(backs))
 
 
+def _from_float_inputs(graph: ir.Graph) -> set[ir.Value]:
+    """Tensors computed from the values of a float graph input (what can be explained). Masks from integer
+    inputs (an attention mask of token ids) are not touched: they are not attributed either way."""
+    reached = {v for v in graph.inputs if v.dtype is not None and v.dtype.is_floating_point()}
+    for node in graph:
+        if node.op_type not in SHAPE_ONLY_OPS and any(v in reached for v in node.inputs if v is not None):
+            reached.update(node.outputs)
+    return reached
+
+
 def _boolean_data_inputs(node: ir.Node, dependent: set[ir.Value], floats: dict) -> list[int]:
-    """The data inputs to replace when ``node`` is a layout op moving a boolean computed from the input."""
+    """The data inputs to replace when ``node`` is a layout op moving a boolean computed from a float input."""
     if node.op_type not in LAYOUT_OPS or not is_default_domain(node):
         return []
     positions = LAYOUT_OPS[node.op_type]
