@@ -32,6 +32,9 @@ Input ``.npz`` (one model, its weights in Keras layout, the data)::
     x                 (n, T, F) rows to explain
     background        (m, T, F) background rows
     unroll            optional, default 0: build the Keras layer with ``unroll=True``
+    go_backwards      optional, default 0: build the Keras layer with ``go_backwards=True``
+    mask_value        optional: a ``Masking(mask_value)`` layer before the recurrent layer (steps whose
+                      features all equal it are skipped: the state is carried over)
 
 Output ``.npz``::
 
@@ -99,7 +102,8 @@ def keras_gru_weights(w_ih, w_hh, b_ih, b_hh) -> list[np.ndarray]:
 
 
 def write_input(path, *, cell: str, kernel, recurrent_kernel, bias, dense_kernel, dense_bias, x, background,
-                head: str = "last", unroll: bool = False) -> Path:
+                head: str = "last", unroll: bool = False, go_backwards: bool = False,
+                mask_value: float | None = None) -> Path:
     """Write the script's input ``.npz`` (shapes are checked here, not in the subprocess)."""
     x = np.asarray(x, dtype=np.float32)
     background = np.asarray(background, dtype=np.float32)
@@ -114,7 +118,9 @@ def write_input(path, *, cell: str, kernel, recurrent_kernel, bias, dense_kernel
     assert np.shape(dense_kernel)[0] == (units if head == "last" else steps * units), np.shape(dense_kernel)
     assert background.shape[1:] == x.shape[1:], (background.shape, x.shape)
     path = Path(path)
+    optional = {} if mask_value is None else {"mask_value": np.float32(mask_value)}
     np.savez(path, cell=cell, units=units, T=steps, F=features, head=head, unroll=int(unroll),
+             go_backwards=int(go_backwards), **optional,
              kernel=np.asarray(kernel, np.float32), recurrent_kernel=np.asarray(recurrent_kernel, np.float32),
              bias=np.asarray(bias, np.float32), dense_kernel=np.asarray(dense_kernel, np.float32),
              dense_bias=np.asarray(dense_bias, np.float32), x=x, background=background)
@@ -164,14 +170,16 @@ def _build(tf_keras, spec: dict):
     layers = tf_keras.layers
     inputs = tf_keras.Input((steps, features), name="x")
     common = {"activation": "tanh", "recurrent_activation": "sigmoid", "return_sequences": flat,
-              "unroll": bool(spec.get("unroll", 0)), "name": "recurrent"}
+              "unroll": bool(spec.get("unroll", 0)), "go_backwards": bool(spec.get("go_backwards", 0)),
+              "name": "recurrent"}
     if cell == "lstm":
         layer = layers.LSTM(units, **common)
     elif cell == "gru":
         layer = layers.GRU(units, reset_after=True, **common)
     else:
         raise ValueError(f"unknown cell {cell!r}")
-    hidden = layer(inputs)
+    masked = layers.Masking(float(spec["mask_value"]))(inputs) if "mask_value" in spec else inputs
+    hidden = layer(masked)
     if flat:
         hidden = layers.Flatten()(hidden)
     dense = layers.Dense(spec["dense_kernel"].shape[1], name="head")
@@ -189,7 +197,7 @@ def _load_spec(path) -> dict:
         spec = {k: data[k] for k in data.files}
     for key in ("cell", "head"):
         spec[key] = str(spec[key])
-    for key in ("units", "T", "F", "unroll"):
+    for key in ("units", "T", "F", "unroll", "go_backwards"):
         if key in spec:
             spec[key] = int(spec[key])
     return spec

@@ -236,13 +236,13 @@ def finish(model: onnx.ModelProto, path: str | os.PathLike | None) -> onnx.Model
 
 
 @contextlib.contextmanager
-def quiet(*logger_names: str):
-    """Silence warnings and the named loggers' progress output (below ERROR) for the duration."""
+def quiet(*logger_names: str, level: int = logging.ERROR):
+    """Silence warnings and the named loggers' output below ``level`` (progress: ERROR) for the duration."""
     loggers = [logging.getLogger(name) for name in logger_names]
     levels = [logger.level for logger in loggers]
     try:
         for logger in loggers:
-            logger.setLevel(logging.ERROR)
+            logger.setLevel(level)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield

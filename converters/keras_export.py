@@ -7,12 +7,17 @@ tf2onnx 1.17's ``from_keras`` fails on Keras 3 ``Sequential`` models (``KeyError
 looks tensors up by Keras-3 names the traced graph does not have); functional models go through. When
 ``from_keras`` fails, the model is wrapped in a ``tf.function`` with a batch-dynamic input signature and
 converted with ``from_function``, which works for both. SavedModels are converted through their ``serve``
-endpoint (or the ``serving_default`` signature) the same way. Output names are set to ``output`` /
+endpoint (or the ``serving_default`` signature) the same way.
+
+tf2onnx writes a TensorFlow op it cannot convert into the graph under its TensorFlow name. ``Erfc`` (Keras 3's
+exact GELU) is rewritten as ``1 − Erf`` (:mod:`onnxshap.graph.standard`); any other such op is an ExportError
+that names it, before ONNX Runtime would refuse the model as an ``INVALID_GRAPH``. Output names are set to ``output`` /
 ``output_i`` (tf2onnx would call them ``Identity:0``) and the dynamic batch axis is named ``batch``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +27,7 @@ import onnx
 from onnxshap.converters import _common
 
 from onnxshap.errors import ExportError, first_line
+from onnxshap.graph.standard import STANDARD_FORMS, nonstandard_nodes, standardize
 
 
 def export_keras(
@@ -75,7 +81,7 @@ def export_keras(
     signature = tuple(
         tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype), name=n) for a, n in zip(arrays, input_names)
     )
-    model = _convert(tf, tf2onnx, call, keras_model, signature, opset)
+    model = _standard(_convert(tf, tf2onnx, call, keras_model, signature, opset))
     _common.rename_outputs(model, output_names)
     _common.name_batch_axis(model)
     _common.cap_ir_version(model)
@@ -181,7 +187,8 @@ def _outputs(out) -> list[np.ndarray]:
 def _convert(tf, tf2onnx, call, keras_model, signature, opset) -> onnx.ModelProto:
     """tf2onnx's ``from_keras`` for Keras models, else (or when it fails) ``from_function``."""
     failures = []
-    with _common.quiet("tf2onnx", "tensorflow", "absl"):
+    # tf2onnx logs ops it cannot convert as errors; _standard rewrites them or reports them itself
+    with _common.quiet("tf2onnx", "tensorflow", "absl", level=logging.CRITICAL):
         if keras_model is not None:
             try:
                 model, _ = tf2onnx.convert.from_keras(keras_model, input_signature=signature, opset=opset)
@@ -200,14 +207,26 @@ def _convert(tf, tf2onnx, call, keras_model, signature, opset) -> onnx.ModelProt
     raise ExportError("\n".join(lines)) from exc
 
 
+def _standard(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The export with :data:`STANDARD_FORMS` rewritten; raises ExportError naming ops tf2onnx left as they were."""
+    model = standardize(model)
+    left = nonstandard_nodes(model)
+    if left:
+        ops = sorted({n.op_type for n in left})
+        nodes = ", ".join(repr(n.name or n.output[0]) for n in left[:5]) + (", ..." if len(left) > 5 else "")
+        raise ExportError(
+            f"tf2onnx could not convert the TensorFlow op(s) {', '.join(ops)} ({len(left)} node(s): {nodes}); "
+            f"onnxshap rewrites only {', '.join(sorted(STANDARD_FORMS))}. Replace the layer that writes them or "
+            "pass an ONNX model converted another way")
+    return model
+
+
 def _first_line(exc: Exception) -> str:
     """The line of an exception's message that says what went wrong (TF puts it after a traceback)."""
     text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if not text:
         return ""
     return (text[-1] if text[0] == "in user code:" else text[0])[:300]
-
-
 
 
 def _verify(model, call, arrays, expected, input_names, output_names, *, rtol, atol) -> None:

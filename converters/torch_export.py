@@ -3,9 +3,14 @@
 Two exporters exist in torch ≥ 2.5: the TorchScript tracer (``dynamo=False``; deprecated since torch 2.9
 but still present) and the ``torch.export``-based one (``dynamo=True``). ``exporter="auto"`` tries the
 TorchScript tracer first: it takes ~0.1 s where the dynamo exporter takes seconds, writes the requested
-opset directly (the dynamo exporter writes opset 18 and converts down) and emits one ``LSTM``/``GRU`` node
-per recurrent layer. When it fails, or its export does not reproduce the module, the dynamo exporter is
-tried. Whichever is used, the result is accepted only if ONNX Runtime reproduces the module's outputs.
+opset directly and emits one ``LSTM``/``GRU`` node per recurrent layer. When it fails, or its export does not
+reproduce the module, the dynamo exporter is tried. Whichever is used, the result is accepted only if ONNX
+Runtime reproduces the module's outputs.
+
+Opsets: by default the TorchScript tracer writes opset 17 and the dynamo exporter its own default (20 in torch
+2.13), which it writes directly. Below 18 the dynamo exporter converts its opset-18 graph down, and that
+conversion can write an invalid model (torch 2.13 leaves opset 18's ``num_outputs`` attribute on ``Split`` at
+opset 17: GPT-2's attention); such an export is refused by the ONNX checker with a hint, never returned.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import numpy as np
 import onnx
 from onnxshap.converters import _common
 
-from onnxshap.errors import ExportError
+from onnxshap.errors import ExportError, first_line
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
+TORCHSCRIPT_OPSET = 17
 
 
 def export_torch(
@@ -29,7 +35,7 @@ def export_torch(
     example_inputs: Any,
     path: str | os.PathLike | None = None,
     *,
-    opset: int = 17,
+    opset: int | None = None,
     exporter: str = "auto",
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -49,7 +55,8 @@ def export_torch(
         example_inputs: one tensor/array, or a tuple/list of them (positional arguments of ``forward``),
             each with the batch on axis 0. NumPy floating arrays are cast to the module's float dtype.
         path: where to write the ``.onnx`` file (atomically); nothing is written when None.
-        opset: the ONNX opset to write.
+        opset: the ONNX opset to write; None: 17 with the TorchScript tracer, the dynamo exporter's default
+            (20 in torch 2.13) with dynamo.
         exporter: ``"auto"`` (TorchScript tracer, then dynamo), ``"torchscript"`` or ``"dynamo"``.
         input_names: ONNX input names; default ``input`` or ``input_0, input_1, ...``.
         output_names: ONNX output names; default ``output`` or ``output_0, output_1, ...``.
@@ -168,7 +175,7 @@ def _export_torchscript(torch, module, inputs, opset, input_names, output_names,
     buffer = io.BytesIO()
     with _common.quiet(*TORCH_LOGGERS):
         torch.onnx.export(
-            module, inputs, buffer, dynamo=False, opset_version=opset, input_names=input_names,
+            module, inputs, buffer, dynamo=False, opset_version=opset or TORCHSCRIPT_OPSET, input_names=input_names,
             output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
         )
     return onnx.load_from_string(buffer.getvalue())
@@ -184,7 +191,20 @@ def _export_dynamo(torch, module, inputs, opset, input_names, output_names, dyna
             module, inputs, dynamo=True, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
         )
-    return program.model_proto
+    model = program.model_proto
+    if opset is not None:
+        _check_converted(model, opset)
+    return model
+
+
+def _check_converted(model: onnx.ModelProto, opset: int) -> None:
+    """Refuse a dynamo export converted to ``opset`` that the ONNX checker finds invalid."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(
+            f"the dynamo exporter's conversion to opset {opset} wrote an invalid model: {first_line(exc)}; "
+            "export at opset >= 18 (opset=None: the exporter's default) or with exporter='torchscript'") from None
 
 
 _EXPORT = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}

@@ -18,6 +18,7 @@ from onnxshap.files.model_files import data_path, stage_model
 from onnxshap.files.read import load_arrays, read_text_file
 from onnxshap.files.write import OutputSet, Terminated, raise_on_sigterm
 from onnxshap.load.data import check_shape, feeds
+from onnxshap.load.frameworks import framework_to_onnx, is_keras_path
 from onnxshap.load.model import load_model, signature
 from onnxshap.runtime import runtime_ir_version
 
@@ -37,6 +38,7 @@ examples:
   onnxshap model.onnx --input ids:a.npy --input mask:b.npy      a model with several inputs (.npz works too)
   onnxshap bert.onnx ids.npy -b pad_ids.npy --vocab vocab.txt --plot tokens.png
                                                     token ids (int64): values per token, against pad tokens
+  onnxshap model.keras data.npy                     a Keras model (.keras, .h5, SavedModel folder), via tf2onnx
 
 token ids: an integer input is explained at its embedding lookup(s); its values are per token (summed over the
   embedding dims), shaped like the ids plus k; the background's ids give the reference embeddings.
@@ -68,7 +70,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxshap", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="the model, an .onnx file")
+    parser.add_argument("model", help="the model: an .onnx file, a Keras .keras/.h5 file or a SavedModel folder "
+                        "(exported to ONNX on the background rows and checked against Keras)")
     parser.add_argument("data", nargs="?", help="rows to explain: .npy (one input) or .npz (arrays by input name)")
     parser.add_argument("--input", action="append", default=[], metavar="NAME:FILE.npy",
                         help="data for one named input (repeat for several inputs)")
@@ -210,6 +213,30 @@ def _plot_format(path: str) -> str:
     return fmt
 
 
+def _read_model(args, model_files: list[Path]):
+    """The model as ONNX: an ONNX file as it is; a Keras file or SavedModel folder exported with
+    ``onnxshap.converters.export_keras`` on the background rows (``-b``, else the rows sampled from the data),
+    the export checked against Keras."""
+    if not is_keras_path(args.model):
+        return load_model(args.model, read_files=model_files)
+    model_files.append(Path(args.model))
+    source = args.background or args.data or (args.input[0].rpartition(":")[2] if args.input else None)
+    if source is None:
+        raise InputDataError("no data: pass a .npy/.npz file after the model, or --input NAME:FILE.npy")
+    if len(args.input) > 1:
+        raise InputDataError(f"{args.model}: a Keras model with several inputs cannot be read from --input "
+                             "files; export it with onnxshap.converters.export_keras and explain the .onnx file")
+    rows = load_array_file(source, "background" if args.background else "data")
+    if isinstance(rows, dict):
+        if len(rows) != 1:
+            raise InputDataError(f"{source} holds {len(rows)} arrays; a Keras model is exported on one input "
+                                 "array (export a multi-input model with onnxshap.converters.export_keras)")
+        rows = next(iter(rows.values()))
+    if not args.background:
+        rows = _sample_background(rows, args.background_size, args.seed)
+    return load_model(framework_to_onnx(args.model, rows))
+
+
 def _check_options(args) -> None:
     if args.background_size < 1:
         raise UsageError("--background-size must be at least 1")
@@ -227,7 +254,7 @@ def run(args) -> int:
     names = read_text_file(args.names, "--names").split() if args.names else None
     vocabulary = read_text_file(args.vocab, "--vocab").splitlines() if args.vocab else None
     model_files: list[Path] = []
-    proto = load_model(args.model, read_files=model_files)
+    proto = _read_model(args, model_files)
     checkpoints = None
     with OutputSet(inputs=[*model_files, *_data_files(args)]) as outputs:
         output = outputs.check(args.output or _default_output(args), "output")

@@ -56,8 +56,9 @@ class DeepExplainer:
     """Deep SHAP (DeepLIFT with a background distribution) for ONNX models.
 
     Args:
-        model: path to an ``.onnx`` file, its bytes, an ``onnx.ModelProto``, a ``torch.nn.Module`` or a Keras
-            model (the last two are exported with ``onnxshap.converters`` and the export is checked numerically).
+        model: path to an ``.onnx`` file, its bytes, an ``onnx.ModelProto``, a ``torch.nn.Module``, a Keras model,
+            or the path of a Keras ``.keras`` / ``.h5`` file or SavedModel folder (the last three are exported
+            with ``onnxshap.converters`` on the background rows, and the export is checked numerically).
         data: the background: an array ``(m, ...)`` (numpy, torch tensor, DataFrame), or a list / dict of
             arrays for models with several inputs. The expected value is the mean model output over it.
         layer: explain this intermediate tensor (or list of tensors) instead of the graph inputs, like

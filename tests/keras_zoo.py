@@ -118,7 +118,10 @@ def _source_key() -> str:
     import tensorflow as tf
     import tf2onnx
 
-    text = Path(__file__).read_bytes() + f"{keras.__version__} {tf.__version__} {tf2onnx.__version__}".encode()
+    root = Path(__file__).resolve().parents[1]
+    sources = [Path(__file__), *sorted((root / "converters").glob("*.py")), root / "onnxshap" / "graph" / "standard.py"]
+    text = b"".join(p.read_bytes() for p in sources)
+    text += f"{keras.__version__} {tf.__version__} {tf2onnx.__version__}".encode()
     return hashlib.sha256(text).hexdigest()[:12]
 
 

@@ -86,13 +86,17 @@ def recurrent_net(cell: str, layers: int = 1, bidirectional: bool = False, batch
 
 
 class _HandCell(nn.Module):
-    """Shares the (one-layer, one-direction, batch_first) recurrent weights and head of a RecurrentNet."""
+    """Shares the (one-layer, one-direction, batch_first) recurrent weights and head of a RecurrentNet.
 
-    def __init__(self, net: RecurrentNet):
+    ``masked=True``: Keras's ``Masking(0)`` written out, ``keep_t = [Σ_f [x_tf ≠ 0] > 0]`` as a 0/1 float, the
+    input multiplied by it and each state carried over where it is 0 (``s_t = keep_t·s_new + (1 − keep_t)·s``).
+    """
+
+    def __init__(self, net: RecurrentNet, masked: bool = False):
         super().__init__()
         rnn = net.rnn
         assert rnn.num_layers == 1 and not rnn.bidirectional and rnn.batch_first
-        self.hidden, self.head_kind = rnn.hidden_size, net.head_kind
+        self.hidden, self.head_kind, self.masked = rnn.hidden_size, net.head_kind, masked
         self.ih = nn.Linear(rnn.input_size, rnn.weight_ih_l0.shape[0])
         self.hh = nn.Linear(rnn.hidden_size, rnn.weight_hh_l0.shape[0])
         # the same Parameter objects: one set of weights, two modules
@@ -103,11 +107,23 @@ class _HandCell(nn.Module):
     def finish(self, hs: list[torch.Tensor]) -> torch.Tensor:
         return self.head(hs[-1] if self.head_kind == "last" else torch.cat(hs, dim=1))
 
+    def keep(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x·keep, keep)`` with ``keep`` (batch, T, 1) the 0/1 mask (all ones unless ``masked``)."""
+        if not self.masked:
+            return x, torch.ones_like(x[..., :1])
+        keep = ((x != 0).float().sum(dim=-1, keepdim=True) > 0).float()
+        return x * keep, keep
+
+    @staticmethod
+    def carry(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return keep * new + (1 - keep) * old
+
 
 class HandLSTM(_HandCell):
     """torch's LSTM equations per step: gates i, f, g, o from Linear(x_t) + Linear(h)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, keep = self.keep(x)
         h = x.new_zeros(x.shape[0], self.hidden)
         c = x.new_zeros(x.shape[0], self.hidden)
         hs = []
@@ -115,8 +131,12 @@ class HandLSTM(_HandCell):
             gates = self.ih(x[:, t]) + self.hh(h)
             i, f, g, o = gates.chunk(4, dim=1)
             i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-            c = f * c + i * g
-            h = o * torch.tanh(c)
+            c_new = f * c + i * g
+            h_new = o * torch.tanh(c_new)
+            if self.masked:
+                c, h = self.carry(keep[:, t], c_new, c), self.carry(keep[:, t], h_new, h)
+            else:
+                c, h = c_new, h_new
             hs.append(h)
         return self.finish(hs)
 
@@ -125,6 +145,7 @@ class HandGRU(_HandCell):
     """torch's GRU equations per step: r, z from the summed projections, n = tanh(x_n + r ⊙ h_n)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, keep = self.keep(x)
         h = x.new_zeros(x.shape[0], self.hidden)
         hs = []
         for t in range(x.shape[1]):
@@ -133,13 +154,14 @@ class HandGRU(_HandCell):
             r = torch.sigmoid(x_r + h_r)
             z = torch.sigmoid(x_z + h_z)
             n = torch.tanh(x_n + r * h_n)
-            h = (1 - z) * n + z * h
+            h_new = (1 - z) * n + z * h
+            h = self.carry(keep[:, t], h_new, h) if self.masked else h_new
             hs.append(h)
         return self.finish(hs)
 
 
-def hand_written(net: RecurrentNet) -> nn.Module:
-    return (HandLSTM if net.cell == "lstm" else HandGRU)(net).eval()
+def hand_written(net: RecurrentNet, masked: bool = False) -> nn.Module:
+    return (HandLSTM if net.cell == "lstm" else HandGRU)(net, masked).eval()
 
 
 def torch_forward(module: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -165,9 +187,9 @@ def export_dynamo(module: nn.Module, example: np.ndarray) -> onnx.ModelProto:
 
 
 @functools.cache
-def _torch_export_bytes(config: tuple, exporter: str, hand: bool) -> bytes:
+def _torch_export_bytes(config: tuple, exporter: str, hand: bool, masked: bool = False) -> bytes:
     net = recurrent_net(*config)
-    module = hand_written(net) if hand else net
+    module = hand_written(net, masked) if hand else net
     x, _ = data()
     if exporter == "dynamo":
         return export_dynamo(module, x[:3]).SerializeToString()
@@ -175,8 +197,10 @@ def _torch_export_bytes(config: tuple, exporter: str, hand: bool) -> bytes:
 
 
 def torch_export(cell: str, layers: int = 1, bidirectional: bool = False, batch_first: bool = True,
-                 head: str = "last", exporter: str = "torchscript", hand: bool = False) -> onnx.ModelProto:
-    """The cached, checked ONNX export of ``recurrent_net(...)`` (or of its hand-written twin).
+                 head: str = "last", exporter: str = "torchscript", hand: bool = False,
+                 masked: bool = False) -> onnx.ModelProto:
+    """The cached, checked ONNX export of ``recurrent_net(...)`` (or of its hand-written twin, ``masked``:
+    with Keras's ``Masking(0)`` written out).
 
     ``exporter``: ``"torchscript"`` (``dynamo=False`` with ``dynamic_axes``, opset 17, ``zoo.export_onnx``) or
     ``"dynamo"`` (``dynamo=True`` with ``dynamic_shapes``, opset 18, :func:`export_dynamo`); both checked
@@ -184,7 +208,7 @@ def torch_export(cell: str, layers: int = 1, bidirectional: bool = False, batch_
     """
     assert exporter in ("torchscript", "dynamo")
     return onnx.load_from_string(_torch_export_bytes((cell, layers, bidirectional, batch_first, head), exporter,
-                                                     hand))
+                                                     hand, masked))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +291,9 @@ def keras_model(kind: str, seed: int = SEED, activation: str = "tanh"):
     return model
 
 
-def keras_twin(net: RecurrentNet):
-    """A keras-3 LSTM/GRU + Dense with the weights of a one-layer, one-direction, ``head="last"`` net."""
+def keras_twin(net: RecurrentNet, go_backwards: bool = False, mask_value: float | None = None):
+    """A keras-3 LSTM/GRU + Dense with the weights of a one-layer, one-direction, ``head="last"`` net;
+    ``go_backwards`` reads the sequence last step first, ``mask_value`` puts ``Masking(mask_value)`` before it."""
     keras = _keras()
     rnn = net.rnn
     assert rnn.num_layers == 1 and not rnn.bidirectional and net.head_kind == "last"
@@ -276,11 +301,14 @@ def keras_twin(net: RecurrentNet):
     legacy = legacy_shap()
     inputs = keras.Input((T, F), name="x")
     if net.cell == "lstm":
-        layer, weights = keras.layers.LSTM(rnn.hidden_size), legacy.keras_lstm_weights(*w)
+        layer = keras.layers.LSTM(rnn.hidden_size, go_backwards=go_backwards)
+        weights = legacy.keras_lstm_weights(*w)
     else:
-        layer, weights = keras.layers.GRU(rnn.hidden_size, reset_after=True), legacy.keras_gru_weights(*w)
+        layer = keras.layers.GRU(rnn.hidden_size, reset_after=True, go_backwards=go_backwards)
+        weights = legacy.keras_gru_weights(*w)
     dense = keras.layers.Dense(net.head.out_features)
-    model = keras.Model(inputs, dense(layer(inputs)))
+    masked = inputs if mask_value is None else keras.layers.Masking(mask_value)(inputs)
+    model = keras.Model(inputs, dense(layer(masked)))
     layer.set_weights(weights)
     dense.set_weights([net.head.weight.detach().numpy().T, net.head.bias.detach().numpy()])
     return model
@@ -317,8 +345,9 @@ def legacy_shap():
     return module
 
 
-def write_legacy_input(path, net: RecurrentNet, x: np.ndarray, background: np.ndarray) -> Path:
-    """The script's input ``.npz`` for a one-layer, one-direction net (its weights in Keras layout)."""
+def write_legacy_input(path, net: RecurrentNet, x: np.ndarray, background: np.ndarray, **options) -> Path:
+    """The script's input ``.npz`` for a one-layer, one-direction net (its weights in Keras layout); ``options``:
+    ``go_backwards``, ``mask_value`` (see ``benchmarks/legacy_shap.py``)."""
     legacy = legacy_shap()
     rnn = net.rnn
     assert rnn.num_layers == 1 and not rnn.bidirectional
@@ -327,4 +356,4 @@ def write_legacy_input(path, net: RecurrentNet, x: np.ndarray, background: np.nd
     dense = net.head.weight.detach().numpy().T  # "flat": torch and Keras both flatten (T, H) row-major
     return legacy.write_input(path, cell=net.cell, kernel=kernel, recurrent_kernel=recurrent, bias=bias,
                               dense_kernel=dense, dense_bias=net.head.bias.detach().numpy(), x=x,
-                              background=background, head=net.head_kind)
+                              background=background, head=net.head_kind, **options)

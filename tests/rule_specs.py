@@ -161,7 +161,8 @@ class Graph:
         imports = [oh.make_opsetid("", opset)] + [oh.make_opsetid(d, 1) for d in sorted(self.domains)]
         model = oh.make_model(graph, opset_imports=imports)
         model.ir_version = IR_VERSION
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=not self.domains)
+        standard = all(onnx.defs.has(n.op_type) for n in self.nodes if not n.domain)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=standard and not self.domains)
 
         def typed(v: onnx.ValueInfoProto) -> bool:
             return v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
@@ -190,6 +191,9 @@ class Spec:
         dist: one distribution for every input, or one per input name.
         opset: the graph's default-domain opset.
         xfail: why onnxshap gets this graph wrong or refuses it today (its tests are expected to fail).
+        standard: the same function written in standard ONNX ops, for ONNX Runtime's reference forward pass
+            when ``build`` writes an op no opset defines (tf2onnx's ``Erfc``, which onnxshap rewrites on load);
+            None: ``build`` itself.
     """
 
     name: str
@@ -197,11 +201,16 @@ class Spec:
     dist: Dist | Mapping[str, Dist] = normal
     opset: int = OPSET
     xfail: str | None = None
+    standard: Callable[[Graph], str | Sequence[str]] | None = None
 
-    def model(self, dtype=np.float32) -> onnx.ModelProto:
+    def model(self, dtype=np.float32, build: Callable[[Graph], str | Sequence[str]] | None = None) -> onnx.ModelProto:
         g = Graph(dtype, zlib.crc32(self.name.encode()))
-        outputs = self.build(g)
+        outputs = (build or self.build)(g)
         return g.model([outputs] if isinstance(outputs, str) else list(outputs), self.opset)
+
+    def reference_model(self, dtype=np.float32) -> onnx.ModelProto:
+        """The graph ONNX Runtime evaluates as the reference ``f`` (``standard`` when given)."""
+        return self.model(dtype, self.standard)
 
     def draw(self, rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
         dist = self.dist[name] if isinstance(self.dist, Mapping) else self.dist
@@ -310,6 +319,28 @@ def _gather_seq_first(g: Graph) -> str:
     """The last time step of a sequence-first tensor (batch on axis 1), as RNN exports select it."""
     steps = g("Transpose", g.input("x", 3, 4), perm=[1, 0, 2])
     return g("Gather", steps, g.const(np.array(-1, np.int64)), axis=0)
+
+
+def full_lengths(g: Graph, x: str, batch_axis: int, time_axis: int, less: int = 0) -> str:
+    """``Expand(T − less, [batch])`` from ``x``'s shape: tf2onnx's sequence lengths for ``go_backwards``."""
+    shape = g("Shape", x)
+    steps = g("Sub", g("Gather", shape, g.const(np.array(time_axis, np.int64))), g.const(np.array(less, np.int64)))
+    rows = g("Slice", shape, g.ints(batch_axis), g.ints(batch_axis + 1), g.ints(0))
+    return g("Expand", steps, rows)
+
+
+def _reverse_sequence(time_major: bool) -> Callable[[Graph], str]:
+    """Every row reversed over all T = 3 steps (batch-major, or time-major as tf2onnx writes it)."""
+
+    def build(g: Graph) -> str:
+        x = g.input("x", 3, 4)
+        if not time_major:
+            return g("ReverseSequence", x, full_lengths(g, x, 0, 1), batch_axis=0, time_axis=1)
+        steps = g("Transpose", x, perm=[1, 0, 2])
+        flipped = g("ReverseSequence", steps, full_lengths(g, steps, 1, 0), batch_axis=1, time_axis=0)
+        return g("Transpose", flipped, perm=[1, 0, 2])
+
+    return build
 
 
 def _pad(mode: str, pads, value=None) -> Callable[[Graph], str]:
@@ -447,6 +478,8 @@ LINEAR: list[Spec] = [
     Spec("gather_vector_repeats", _gather([3, 0, 3, -1], 2)),
     Spec("gather_2d_indices", _gather([[0, 2], [2, 1]], 1)),
     Spec("gather_last_step_seq_first", _gather_seq_first),
+    Spec("reverse_sequence_full", _reverse_sequence(time_major=False)),
+    Spec("reverse_sequence_full_time_major", _reverse_sequence(time_major=True)),
     Spec("pad_constant", _pad("constant", [0, 1, 0, 0, 0, 2], value=0.7)),
     Spec("pad_constant_crop", _pad("constant", [0, -1, 1, 0, 1, -1])),
     Spec("pad_reflect", _pad("reflect", [0, 2, 1, 0, 0, 3])),
@@ -509,6 +542,7 @@ ELEMENTWISE: list[Spec] = [
     Spec("gelu_tanh", unary("Gelu", approximate="tanh"), away(low=-3, high=3)),
     Spec("mish", unary("Mish"), away(low=-3, high=3)),
     Spec("erf", unary("Erf")),
+    Spec("erfc_tf2onnx", unary("Erfc"), standard=lambda g: g("Sub", g.const(1.0), g("Erf", g.input("x", 2, 3)))),
     Spec("exp", unary("Exp")),
     Spec("log", unary("Log"), positive),
     Spec("sqrt", unary("Sqrt"), positive),
@@ -562,6 +596,32 @@ def _gelu_erf(g: Graph) -> str:
     x = g.input("x", 2, 3)
     cdf = g("Add", g.const(1.0), g("Erf", g("Div", x, g.const(np.sqrt(2.0)))))
     return g("Mul", g("Mul", x, g.const(0.5)), cdf)
+
+
+def _gelu_keras(erfc: bool) -> Callable[[Graph], str]:
+    """Keras 3's exact GELU as tf2onnx writes it, ``0.5·x·erfc(−x·(1/√2))``; ``erfc=False``: with ``1 − Erf``
+    in place of ``Erfc`` (the reference ONNX Runtime can run)."""
+
+    def build(g: Graph) -> str:
+        x = g.input("x", 2, 3)
+        scaled = g("Mul", g("Neg", x), g.const(1 / np.sqrt(2.0)))
+        tail = g("Erfc", scaled) if erfc else g("Sub", g.const(1.0), g("Erf", scaled))
+        return g("Mul", g("Mul", x, g.const(0.5)), tail)
+
+    return build
+
+
+def _mask_through_layout(g: Graph) -> str:
+    """A step mask from the data, ``keep_t = x[t, 0] > 0``, carried as a boolean through Unsqueeze → Transpose →
+    Gather (as a masked RNN's loop reads it), then selecting ``m·tanh(x_1 W) + (1 − m)·tanh(x_0 W)`` with
+    ``m = Cast(keep_1)`` and ``1 − m = Cast(Not(keep_1))`` (tf2onnx's form of Keras's masked state update)."""
+    x = g.input("x", 3, 2)
+    keep = g("Greater", g("Gather", x, g.const(np.array(0, np.int64)), axis=2), g.const(0.0))  # (n, 3)
+    steps = g("Transpose", g("Unsqueeze", keep, g.ints(2)), perm=[1, 0, 2])  # (3, n, 1)
+    keep_1 = g("Gather", steps, g.const(np.array(1, np.int64)), axis=0)  # (n, 1)
+    w = g.weight(2, 4)
+    new, old = (g("Tanh", g("MatMul", g("Gather", x, g.const(np.array(t, np.int64)), axis=1), w)) for t in (1, 0))
+    return g("Add", g("Mul", g("Cast", keep_1, to=g.elem), new), g("Mul", g("Cast", g("Not", keep_1), to=g.elem), old))
 
 
 def _leaky_where(g: Graph) -> str:
@@ -632,6 +692,8 @@ def _mlp_head(g: Graph) -> str:
 FUSION: list[Spec] = [
     Spec("silu_written", _silu, away(low=-3, high=3)),
     Spec("gelu_written_erf", _gelu_erf, away(low=-3, high=3)),
+    Spec("gelu_keras_erfc", _gelu_keras(erfc=True), away(low=-3, high=3), standard=_gelu_keras(erfc=False)),
+    Spec("boolean_mask_through_layout", _mask_through_layout, KINK0),
     Spec("leaky_relu_where", _leaky_where, KINK0),
     Spec("mish_written", _mish_written, away(low=-3, high=3)),
     Spec("hard_swish_written", _hard_swish_written, away(-3, 3, low=-4.5, high=4.5)),

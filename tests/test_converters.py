@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -135,8 +137,39 @@ def test_torch_auto_uses_torchscript_first_and_falls_back_to_dynamo(monkeypatch)
     monkeypatch.setitem(torch_export._EXPORT, "torchscript", broken)
     model = export_torch(net, x)
     assert calls == ["torchscript"]
-    assert model.opset_import[0].version == 17
+    assert model.opset_import[0].version >= 18  # the dynamo exporter's own default, written directly
     np.testing.assert_allclose(run(model, x.numpy())[0], net.eval()(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+class ThreeWaySplit(torch.nn.Module):
+    """``Linear(x).split(2)``: the dynamo exporter writes ``Split`` with opset 18's ``num_outputs``."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        a, b, c = self.linear(x).split(2, dim=-1)
+        return a * b + c
+
+
+def test_torch_dynamo_default_opset_writes_a_valid_split():
+    """The dynamo exporter at its default opset writes Split as that opset defines it; asked for opset 17, its
+    down-conversion keeps ``num_outputs`` (invalid at 17): refused with the hint, never returned."""
+    torch.manual_seed(0)
+    net, x = ThreeWaySplit().eval(), torch.randn(4, 6)
+    model = export_torch(net, x, exporter="dynamo")
+    assert "Split" in {n.op_type for n in model.graph.node}
+    assert model.opset_import[0].version >= 18
+    onnx.checker.check_model(model, full_check=True)
+    other = torch.randn(7, 6)
+    np.testing.assert_allclose(run(model, other.numpy())[0], net(other).detach().numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ExportError) as info:
+        export_torch(net, x, exporter="dynamo", opset=17)
+    first = str(info.value).splitlines()[0]
+    assert "conversion to opset 17 wrote an invalid model" in first and "num_outputs" in first, first
+    assert "opset >= 18" in first and "exporter='torchscript'" in first, first
+    assert export_torch(net, x).opset_import[0].version == 17  # auto: the TorchScript tracer at 17
 
 
 def test_torch_multi_input_output_names_and_numpy_inputs():
@@ -315,3 +348,52 @@ def test_tensorflow_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", None)
     with pytest.raises(ExportError, match=r"pip install onnxshap\[tf\]"):
         export_keras("model.keras", np.zeros((1, 2)))
+
+
+def gelu_model():
+    """Dense(8, gelu) → Dense(2): Keras 3's exact GELU, which tf2onnx writes with the non-standard ``Erfc``."""
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    net = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(8, activation="gelu")(inputs)))
+    return net, np.random.default_rng(0).normal(scale=2.0, size=(16, 6)).astype(np.float32)
+
+
+def test_keras_gelu_erfc_is_rewritten_as_one_minus_erf():
+    net, x = gelu_model()
+    model = export_keras(net, x)
+    ops = {n.op_type for n in model.graph.node}
+    assert "Erfc" not in ops and "Erf" in ops, ops
+    other = grow([x])[0] * 4 - 2  # U(−2, 2): both tails of the GELU
+    np.testing.assert_allclose(run(model, other)[0], keras_outputs(net, other)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_with_erfc_from_tf2onnx_is_explained():
+    """A user's own tf2onnx export keeps ``Erfc`` (no ONNX opset defines it; ONNX Runtime refuses it):
+    onnxshap rewrites it on load, and the values add up to the Keras model's own outputs."""
+    tf = pytest.importorskip("tensorflow")
+    tf2onnx = pytest.importorskip("tf2onnx")
+    import onnxshap
+
+    net, x = gelu_model()
+    signature = (tf.TensorSpec((None, 6), tf.float32, name="input"),)
+    with _common.quiet("tf2onnx", "tensorflow", "absl", level=logging.CRITICAL):
+        raw, _ = tf2onnx.convert.from_keras(net, input_signature=signature, opset=17)
+    assert "Erfc" in {n.op_type for n in raw.graph.node}
+    background, rows = x[:8], x[8:]
+    explanation = onnxshap.DeepExplainer(raw, background).explain(rows)
+    change = keras_outputs(net, rows)[0] - keras_outputs(net, background)[0].mean(axis=0)
+    total = explanation.values.reshape(len(rows), -1, 2).sum(axis=1)
+    np.testing.assert_allclose(total, change, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(change).max()))
+
+
+def test_keras_op_tf2onnx_cannot_convert_is_an_export_error_naming_it(tmp_path):
+    keras = pytest.importorskip("keras")
+    tf = pytest.importorskip("tensorflow")
+    inputs = keras.Input((6,))
+    net = keras.Model(inputs, keras.layers.Lambda(lambda t: tf.math.lgamma(t))(keras.layers.Dense(4)(inputs)))
+    with pytest.raises(ExportError) as info:
+        export_keras(net, np.random.default_rng(0).uniform(1, 2, (4, 6)), tmp_path / "lgamma.onnx")
+    first = str(info.value).splitlines()[0]
+    assert "tf2onnx could not convert the TensorFlow op(s) Lgamma" in first and "Lgamma'" in first, first
+    assert not (tmp_path / "lgamma.onnx").exists()

@@ -212,6 +212,113 @@ def test_keras_twin_through_tf2onnx_equals_torch_export(cell):
 
 
 # --------------------------------------------------------------------------------------------------
+# 3b. Keras go_backwards (ReverseSequence) and Masking, against shap's legacy path and exact twins
+# --------------------------------------------------------------------------------------------------
+
+CELLS = ["lstm", "gru"]
+SAME_PADDING = (1, 3)  # steps that are all zeros in every row: each pair has the same mask
+
+
+def padded(x: np.ndarray, steps_per_row) -> np.ndarray:
+    """``x`` with the listed steps of each row set to 0 (Masking(0) skips them); rows past the list untouched."""
+    x = x.copy()
+    for row, steps in enumerate(steps_per_row):
+        x[row, list(steps)] = 0.0
+    return x
+
+
+def same_mask_data() -> tuple[np.ndarray, np.ndarray]:
+    x, background = rz.data()
+    return (padded(x, [SAME_PADDING] * len(x)), padded(background, [SAME_PADDING] * len(background)))
+
+
+def differing_mask_data() -> tuple[np.ndarray, np.ndarray]:
+    """Trailing, leading, inner and no padding among the rows and the background: masks differ in most pairs."""
+    x, background = rz.data()
+    return (padded(x, [(3, 4), (0,), (), (2,)]), padded(background, [(4,), (4,), (3, 4), (), (0, 1), (), (2,)]))
+
+
+def keras_twin_export(cell: str, data: np.ndarray, **options) -> tuple[onnx.ModelProto, object]:
+    """(tf2onnx export, Keras model) of the Keras 3 twin of ``rz.recurrent_net(cell)`` with ``options``."""
+    require_keras3()
+    from onnxshap.converters import export_keras
+
+    twin = rz.keras_twin(rz.recurrent_net(cell), **options)
+    return export_keras(twin, data), twin
+
+
+SEQUENCE_OPTIONS = {"go_backwards": {"go_backwards": True}, "masking": {"mask_value": 0.0}}
+LEGACY_SEQUENCE_CASES = [(cell, option) for option in SEQUENCE_OPTIONS for cell in CELLS]
+
+
+@pytest.fixture(scope="module")
+def legacy_sequence_results(tmp_path_factory):
+    """shap's legacy values for go_backwards and Masking(0) (same-mask data) twins, in one subprocess."""
+    for module in ("tensorflow", "tf_keras", "shap"):
+        pytest.importorskip(module)
+    folder = tmp_path_factory.mktemp("legacy_sequences")
+    pairs = []
+    for cell, option in LEGACY_SEQUENCE_CASES:
+        x, background = same_mask_data() if option == "masking" else rz.data()
+        source = rz.write_legacy_input(folder / f"{cell}_{option}_in.npz", rz.recurrent_net(cell), x, background,
+                                       **SEQUENCE_OPTIONS[option])
+        pairs.append((source, folder / f"{cell}_{option}_out.npz"))
+    return dict(zip(LEGACY_SEQUENCE_CASES, rz.legacy_shap().run(pairs)))
+
+
+@pytest.mark.parametrize("cell,option", LEGACY_SEQUENCE_CASES, ids=[f"{c}-{o}" for c, o in LEGACY_SEQUENCE_CASES])
+def test_keras_go_backwards_and_masking_equal_shap_legacy(cell, option, legacy_sequence_results):
+    """go_backwards (tf2onnx: ReverseSequence) and Masking(0) with the same padded steps in every row (so every
+    pair has the same mask, where shap's legacy path is exact too) agree with shap's legacy DeepExplainer."""
+    result = legacy_sequence_results[(cell, option)]
+    x, background = same_mask_data() if option == "masking" else rz.data()
+    model, twin = keras_twin_export(cell, np.concatenate([x, background]), **SEQUENCE_OPTIONS[option])
+    assert rz.rel_err(result["predictions"], rz.keras_predict(twin, x)) <= TWIN_TOLERANCE
+    assert ("ReverseSequence" if option == "go_backwards" else "Greater") in rz.op_types(model)
+    change = rz.keras_predict(twin, x) - rz.keras_predict(twin, background).mean(axis=0)
+    total = result["shap_values"].reshape(rz.N, -1, rz.K).sum(axis=1)
+    assert np.abs(total - change).max() <= ADDITIVITY * max(1.0, np.abs(change).max())  # the reference is exact
+    _, explanation = explain(model, background, x)
+    assert_additive(explanation.values, model, x, background)
+    err = rz.rel_err(explanation.values, result["shap_values"])
+    assert err <= LEGACY_TOLERANCE, f"onnxshap vs shap legacy DeepExplainer: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_keras_go_backwards_equals_forward_on_reversed_steps(cell):
+    """A go_backwards layer on x is the forward layer on x reversed in time: the values are the forward torch
+    export's on the reversed rows, reversed back (ReverseSequence lowered to a Slice with step −1)."""
+    x, background = rz.data()
+    model, _ = keras_twin_export(cell, np.concatenate([x, background]), go_backwards=True)
+    _, backwards = explain(model, background, x)
+    _, forwards = explain(rz.torch_export(cell), background[:, ::-1].copy(), x[:, ::-1].copy())
+    err = rz.rel_err(backwards.values, forwards.values[:, ::-1])
+    assert err <= KERAS_TWIN_TOLERANCE, f"go_backwards vs forward on reversed steps: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_keras_masking_with_differing_masks_equals_hand_written_mask(cell):
+    """Masks that differ between samples and references: still additive on every row, and equal to the same
+    masked recurrence written out in PyTorch (``keep·x``, ``keep·s_new + (1 − keep)·s`` with ``keep`` a 0/1
+    float), whose export needs no boolean handling: the mask's share of Δf goes to the features that made a
+    step padding in one row of the pair and not in the other."""
+    x, background = differing_mask_data()
+    model, twin = keras_twin_export(cell, np.concatenate([x, background]), mask_value=0.0)
+    hand = rz.hand_written(rz.recurrent_net(cell), masked=True)
+    both = np.concatenate([x, background])
+    assert rz.rel_err(rz.torch_forward(hand, both), rz.keras_predict(twin, both)) <= TWIN_TOLERANCE
+    keep_x, keep_r = (np.abs(a).sum(axis=2) > 0 for a in (x, background))
+    assert (keep_x[:, None] != keep_r[None]).any(axis=2).mean() > 0.5  # most pairs have different masks
+    _, keras_explanation = explain(model, background, x)
+    assert_additive(keras_explanation.values, model, x, background)
+    hand_model = rz.torch_export(cell, hand=True, masked=True)
+    _, hand_explanation = explain(hand_model, background, x)
+    assert_additive(hand_explanation.values, hand_model, x, background)
+    err = rz.rel_err(keras_explanation.values, hand_explanation.values)
+    assert err <= KERAS_TWIN_TOLERANCE, f"Keras Masking vs hand-written mask: relative error {err:.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
 # 4-5. the bundled models find what drives their targets
 # --------------------------------------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ class Forward:
 
 @functools.cache
 def forward32(name: str) -> Forward:
-    return Forward(rs.ALL[name].model(np.float32))
+    return Forward(rs.ALL[name].reference_model(np.float32))
 
 
 @functools.cache
@@ -105,8 +105,8 @@ def reference_forward(name: str) -> tuple[Forward, float]:
     float64 kernel for one of its ops."""
     spec = rs.ALL[name]
     try:
-        forward = Forward(spec.model(np.float64))
-        model = spec.model(np.float32)
+        forward = Forward(spec.reference_model(np.float64))
+        model = spec.reference_model(np.float32)
         forward({i.name: np.zeros((1, *_shape(i)), np.float64) for i in model.graph.input})
         return forward, FD_STEP
     except Exception:  # noqa: BLE001 - "no kernel for type double" is raised as several ORT types
@@ -489,6 +489,32 @@ def test_refuses_op_without_rule(op_type, build):
     model, message = _refusal(build)
     names = [n.name for n in model.graph.node if n.op_type == op_type]
     assert names and all(n in message for n in names) and op_type in message
+
+
+def _reverse_prefix(g: rs.Graph) -> str:
+    """Sequence lengths T − 1: every row reverses only its first two of three steps."""
+    x = g.input("x", 3, 2)
+    return g("ReverseSequence", x, rs.full_lengths(g, x, 0, 1, less=1), batch_axis=0, time_axis=1)
+
+
+def _reverse_masked(g: rs.Graph) -> str:
+    """Sequence lengths counted from the data (the steps whose first feature is positive): a padding mask."""
+    x = g.input("x", 3, 2)
+    first = g("Gather", x, g.const(np.array(0, np.int64)), axis=2)
+    lengths = g("ReduceSum", g("Cast", g("Greater", first, g.const(0.0)), to=onnx.TensorProto.INT64), g.ints(1),
+                keepdims=0)
+    return g("ReverseSequence", x, lengths, batch_axis=0, time_axis=1)
+
+
+@pytest.mark.parametrize("build,reason", [
+    pytest.param(_reverse_prefix, "sequence lengths [2] differ from the 3 time steps", id="prefix"),
+    pytest.param(_reverse_masked, "sequence lengths are computed from the input values", id="from_data"),
+])
+def test_refuses_reverse_sequence_of_a_prefix(build, reason):
+    """ReverseSequence is lowered only where every row is reversed over all its steps; else refused by name."""
+    model, message = _refusal(build)
+    (node,) = [n for n in model.graph.node if n.op_type == "ReverseSequence"]
+    assert node.name in message.splitlines()[0] and reason in message, message
 
 
 def _no_rule_and_custom(g: rs.Graph) -> str:

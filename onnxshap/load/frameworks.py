@@ -1,23 +1,49 @@
-"""Framework models in, ONNX out: torch modules and Keras models are exported (and verified) on the fly."""
+"""Framework models in, ONNX out: torch modules, Keras models and Keras files are exported (and verified) on
+the fly."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import onnx
 
 from onnxshap.errors import ModelLoadError
 from onnxshap.load.data import first_array
 
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+def is_keras_path(model) -> bool:
+    """Whether ``model`` is the path of a Keras ``.keras`` / ``.h5`` file or of a SavedModel folder (a folder
+    holding ``saved_model.pb``)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    path = Path(model)
+    return path.suffix.lower() in KERAS_SUFFIXES or (path.is_dir() and (path / "saved_model.pb").is_file())
+
 
 def is_onnx_source(model) -> bool:
     """Whether ``model`` is something :func:`onnxshap.load.model.load_model` reads directly."""
-    return isinstance(model, (str, os.PathLike, bytes, bytearray, onnx.ModelProto))
+    if isinstance(model, (str, os.PathLike)):
+        return not is_keras_path(model)
+    return isinstance(model, (bytes, bytearray, onnx.ModelProto))
 
 
 def framework_to_onnx(model, background) -> onnx.ModelProto:
-    """Export a torch module or a Keras model with ``onnxshap.converters`` (the export is checked
-    numerically against the framework on the background rows)."""
+    """Export a torch module, a Keras model, or a Keras file / SavedModel folder with ``onnxshap.converters``
+    (the export is checked numerically against the framework on the background rows).
+
+    Raises:
+        ModelLoadError: a Keras path that does not exist, or an object that is no model onnxshap knows.
+        ExportError: the converter failed or its export does not reproduce the model.
+    """
+    if is_keras_path(model):
+        if not Path(model).exists():
+            raise ModelLoadError(f"no such Keras model file or SavedModel folder: {model}")
+        from onnxshap.converters import export_keras
+
+        return export_keras(model, first_array(background))
     module = type(model).__module__ or ""
     if module.startswith("torch") or hasattr(model, "state_dict") and hasattr(model, "forward"):
         from onnxshap.converters import export_torch
@@ -29,4 +55,5 @@ def framework_to_onnx(model, background) -> onnx.ModelProto:
 
         return export_keras(model, first_array(background))
     raise ModelLoadError(f"cannot explain a {type(model).__name__}: pass an ONNX model (path, bytes, "
-                         "ModelProto), a torch.nn.Module or a Keras model")
+                         "ModelProto), a torch.nn.Module, a Keras model, or the path of a .keras/.h5 file or "
+                         "SavedModel folder")

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 
 from onnxshap.errors import ModelLoadError, first_line
 from onnxshap.files.read import load_external_data, read_model_bytes, refuse_external_data
+from onnxshap.graph.standard import standardize
 
 MIN_OPSET = 17  # emitted ops (ScatterElements reduction, Split with an input, ...) need it
 
@@ -19,9 +20,11 @@ MIN_OPSET = 17  # emitted ops (ScatterElements reduction, Split with an input, .
 def load_model(model, max_bytes: int | None = None, read_files: list[Path] | None = None) -> onnx.ModelProto:
     """Read ``model`` (path, bytes or ``onnx.ModelProto``) into a checked ModelProto with opset >= 17.
 
-    A path must be a regular file; it and its external data (read only from regular files inside the model's
-    folder) are capped at ``max_bytes`` (default ``ONNXSHAP_MAX_MODEL_BYTES`` or 4 GiB, see
-    :mod:`onnxshap.files`). Bytes and protos have no folder, so external-data references in them are refused.
+    Ops outside the standard that have an exact standard form (tf2onnx's ``Erfc``) are rewritten into it
+    (:func:`onnxshap.graph.standard.standardize`) before the checker sees the model. A path must be a regular
+    file; it and its external data (read only from regular files inside the model's folder) are capped at
+    ``max_bytes`` (default ``ONNXSHAP_MAX_MODEL_BYTES`` or 4 GiB, see :mod:`onnxshap.files`). Bytes
+    and protos have no folder, so external-data references in them are refused.
 
     Args:
         model: the model.
@@ -45,7 +48,8 @@ def load_model(model, max_bytes: int | None = None, read_files: list[Path] | Non
         path = Path(model)
         where = str(path)
         if path.is_dir():
-            raise ModelLoadError(f"model path is a folder, not an .onnx file: {path}")
+            raise ModelLoadError(f"model path is a folder, not an .onnx file (nor a SavedModel folder: no "
+                                 f"saved_model.pb): {path}")
         proto = _parse(read_model_bytes(path, max_bytes), str(path))
         external = load_external_data(proto, path, max_bytes)
         if read_files is not None:
@@ -55,6 +59,7 @@ def load_model(model, max_bytes: int | None = None, read_files: list[Path] | Non
             f"cannot read a model from {type(model).__name__}: pass a path, bytes or onnx.ModelProto "
             "(torch modules and Keras models go through onnxshap.DeepExplainer, which converts them)"
         )
+    proto = standardize(proto)
     _check(proto, where)
     proto.ir_version = max(proto.ir_version, 4)  # IR 3 lists weights as inputs; dropping them needs IR >= 4
     return _upgrade_opset(proto, where)

@@ -7,9 +7,11 @@ Passes, in order (each documented in its module):
 2. probe (``probe.py``): run the model on two small batches, read every tensor, write the shapes into it;
 3. fold batch-invariant shape plumbing into constants (``fold.py``); rewrite Gathers whose shape-computed
    indices select inside each row (``arange(batch)``: last-token pooling) into constant-index Gathers
-   (``row_gather.py``);
+   (``row_gather.py``); reverse full-length sequences with a constant ``Slice`` (``ReverseSequence``,
+   ``sequences.py``);
 4. unroll ``Loop``/``Scan`` with a static trip count (``loops.py``), then ``LSTM``/``GRU``/``RNN``
-   (``recurrent.py``) over the sequence length of the data being explained;
+   (``recurrent.py``) over the sequence length of the data being explained; boolean masks computed from the
+   input move through layout ops as 0/1 floats (``masks.py``: Keras ``Masking``);
 5. decompose composites (``composites.py``): Gemm, BatchNormalization, AveragePool, LayerNormalization, ...;
 6. probe again: the lowered graph's shapes and batch axes, which the sweep builds on; the lowered model must
    reproduce the original's outputs on the probe rows, else it is refused (never answered wrongly).
@@ -30,14 +32,16 @@ from onnxshap.lower.fold import FoldBatchInvariant, value_dependent
 from onnxshap.lower.layout import BatchLayout, batch_layouts
 from onnxshap.lower.loops import LOOP_OPS, UnrollLoops
 from onnxshap.lower.lowered import LoweredModel
+from onnxshap.lower.masks import FloatBooleanLayout
 from onnxshap.lower.probe import Probe, annotate, probe_twice
 from onnxshap.lower.recurrent import UnrollRecurrent
 from onnxshap.lower.row_gather import GatherWithinRows
+from onnxshap.lower.sequences import ReverseFullSequences
 
 # Ops that lowering rewrites away (the rule table lists them as "lowered"); GatherND where its first index
 # column is arange(batch) and the others are constant (row_gather.py).
-LOWERED_OPS = frozenset(REWRITES) - {"Conv", "ConvTranspose", "MaxPool", "Squeeze"} | LOOP_OPS | RECURRENT_OPS | {
-    "GatherND"}
+LOWERED_OPS = (frozenset(REWRITES) - {"Conv", "ConvTranspose", "MaxPool", "Squeeze"} | LOOP_OPS | RECURRENT_OPS
+               | {"GatherND", "ReverseSequence"})
 MAX_PROBE_ROUNDS = 8
 
 
@@ -57,9 +61,13 @@ def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMod
     row_gathers = GatherWithinRows(*probes)
     if row_gathers(model).modified:
         probes = _settle(model, examples)
+    if ReverseFullSequences(*probes)(model).modified:
+        probes = _settle(model, examples)
     if UnrollLoops()(model).modified:
         probes = _settle(model, examples)
     if UnrollRecurrent()(model).modified:
+        probes = _settle(model, examples)
+    if FloatBooleanLayout()(model).modified:
         probes = _settle(model, examples)
     decompose = DecomposeComposites()
     for _ in range(MAX_PROBE_ROUNDS):
