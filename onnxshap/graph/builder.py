@@ -40,14 +40,18 @@ class Builder:
         self.tape = ir.tape.Tape(graph)
         self.nodes: list[ir.Node] = []  # every node this builder appended, in order
         self._names: set[str] = set()
+        self._next_suffix: dict[str, int] = {}  # per hint, the suffix to try next (keeps naming linear)
         self._constants: dict[tuple, ir.Value] = {}
 
     def fresh_name(self, hint: str) -> str:
         """``<prefix>/<hint>``, suffixed so that no two names of this builder collide."""
-        name, k = f"{self.prefix}/{hint}", 0
+        base = f"{self.prefix}/{hint}"
+        k = self._next_suffix.get(base, 0)
+        name = base if k == 0 else f"{base}_{k}"
         while name in self._names:
             k += 1
-            name = f"{self.prefix}/{hint}_{k}"
+            name = f"{base}_{k}"
+        self._next_suffix[base] = k + 1
         self._names.add(name)
         return name
 
