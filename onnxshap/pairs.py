@@ -136,30 +136,49 @@ class PairContext:
         """The sample side (n rows) of a variable tensor; a constant tensor is its own."""
         if not self.is_variable(value):
             return self.const(value)
-        return self._cached(("x", value.name), lambda: self._rows(value, self.build.ints([0]), self.sizes.n, "x"))
+        return self._cached(("x", value.name), lambda: self.split_rows(value)[0])
 
     def r(self, value: ir.Value) -> ir.Value:
         """The reference side (m rows) of a variable tensor; a constant tensor is its own."""
         if not self.is_variable(value):
             return self.const(value)
-        return self._cached(("r", value.name), lambda: self._rows(
-            value, self.sizes.n, self.build.ints([INT64_MAX]), "r"))
+        return self._cached(("r", value.name), lambda: self.split_rows(value)[1])
 
-    def _rows(self, value: ir.Value, start: ir.Value, end: ir.Value, hint: str) -> ir.Value:
-        """Rows ``start:end`` of the stacked ``[X; R]`` forward tensor (of the batch factor of a merged axis)."""
-        b, shape = self.batch_axis(value), self.shape(value)
-        rows = "n" if hint == "x" else "m"
-        dtype = ir.DataType.from_numpy(self.dtype(value))
-        if not self.merged(value):
-            return self._typed(self.build.slice(value, start, end, [b], hint=hint), [*shape[:b], rows, *shape[b + 1:]],
-                               dtype)
-        before, after = self._around_batch(value)
-        split = self.build.reshape(value, [*before, -1, *after])
-        part = self._typed(self.build.slice(split, start, end, [len(before)], hint=hint), [*before, rows, *after],
-                           dtype)
-        outer, inner = self.split(value)
-        return self._typed(self.build.reshape(part, [*shape[:b], -1, *shape[b + 1:]]),
-                           [*shape[:b], f"{rows}*{outer * inner}", *shape[b + 1:]], dtype)
+    def split_rows(self, stacked: ir.Value, like: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
+        """``(x, r)``: the sample rows (the first n) and the reference rows (the other m) of a tensor computed
+        on the stacked ``[X; R]`` and laid out like ``like`` (default: ``stacked`` itself, a forward tensor).
+
+        One Split (sizes ``[n, m]`` as fed; two Slices before opset 13) on the batch axis, or on the batch
+        factor of a merged axis (reshaped there and back).
+        """
+        like = like if like is not None else stacked
+        key = ("rows", stacked.name)
+        if key in self._cache:
+            return self._cache[key]
+        b, shape = self.batch_axis(like), self.shape(like)
+        dtype = ir.DataType.from_numpy(self.dtype(like))
+        before, after = self._around_batch(like)
+        merged = self.merged(like)
+        rows = self.build.reshape(stacked, [*before, -1, *after]) if merged else stacked
+        axis = len(before) if merged else b
+        if self.build.opset >= 13:
+            sizes = self._cached(("row_sizes",), lambda: self.build.concat([self.sizes.n, self.sizes.m], 0,
+                                                                           hint="row_sizes"))
+            parts = self.build.op_multi("Split", [rows, sizes], {"axis": axis}, hint="rows", num_outputs=2)
+        else:
+            parts = [self.build.slice(rows, self.build.ints([0]), self.sizes.n, [axis], hint="x"),
+                     self.build.slice(rows, self.sizes.n, self.build.ints([INT64_MAX]), [axis], hint="r")]
+        sides = []
+        for part, named in zip(parts, ("n", "m")):
+            if not merged:
+                sides.append(self._typed(part, [*shape[:b], named, *shape[b + 1:]], dtype))
+                continue
+            self._typed(part, [*before, named, *after], dtype)
+            outer, inner = self.split(like)
+            sides.append(self._typed(self.build.reshape(part, [*shape[:b], -1, *shape[b + 1:]]),
+                                     [*shape[:b], f"{named}*{outer * inner}", *shape[b + 1:]], dtype))
+        self._cache[key] = tuple(sides)
+        return self._cache[key]
 
     @staticmethod
     def _typed(value: ir.Value, dims: list, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
