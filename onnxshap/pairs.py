@@ -226,10 +226,35 @@ class PairContext:
             "Sub", [self.pair_x(value), self.pair_r(value)], hint="delta"))
 
     def pair_mean(self, value: ir.Value) -> ir.Value:
-        """``(x + r) / 2`` per pair: the Shapley weight of the other player in a product."""
-        return self._cached(("mean", value.name), lambda: self.build.op(
-            "Mul", [self.build.op("Add", [self.pair_x(value), self.pair_r(value)]), self.build.scalar(0.5)],
-            hint="pair_mean"))
+        """``(x + r) / 2`` per pair: the Shapley weight of the other player in a product.
+
+        A piece of a Split (LSTM gates) takes its piece of the mean of the whole: one Add, Mul and Split for
+        all the pieces instead of one each.
+        """
+        key = ("mean", value.name)
+        if key not in self._cache and not self._split_pair_means(value):
+            self._cache[key] = self.build.op("Mul", [self.build.op("Add", [self.pair_x(value), self.pair_r(value)]),
+                                                    self.build.scalar(0.5)], hint="pair_mean")
+        return self._cache[key]
+
+    def _split_pair_means(self, value: ir.Value) -> bool:
+        """Cache the pair means of every output of the Split that made ``value`` from the mean of its input (on
+        an axis that is not the batch's); False when ``value`` is not such a piece."""
+        node = value.producer()
+        if node is None or node.op_type != "Split" or node.domain not in ("", "ai.onnx") or \
+                not self.is_variable(node.inputs[0]) or not all(self.is_variable(o) for o in node.outputs):
+            return False
+        whole = node.inputs[0]
+        axis = node.attributes.get_int("axis", 0)
+        axis = axis + self.rank(whole) if axis < 0 else axis
+        if axis == self.batch_axis(whole) or self.merged(whole) or \
+                any(self.batch_axis(o) != self.batch_axis(whole) or self.merged(o) for o in node.outputs):
+            return False
+        sizes = [self.shape(o)[axis] for o in node.outputs]
+        pieces = self.build.split(self.pair_mean(whole), self.expanded_axis(whole, axis), sizes, hint="pair_mean")
+        for out, piece in zip(node.outputs, pieces):
+            self._cache[("mean", out.name)] = piece
+        return True
 
     def pair_average(self, x_side: ir.Value, r_side: ir.Value, like: ir.Value) -> ir.Value:
         """``(x_side + r_side) / 2`` per pair, for tensors computed separately on the sample side (n rows)
@@ -267,15 +292,23 @@ class PairContext:
         return self._cached(key, lambda: self.build.concat(parts, 0, hint="pair_shape"))
 
     def expand(self, multiplier: ir.Value, like: ir.Value) -> ir.Value:
-        """P-form → expanded form ``shape[:b] + (n, m, k) + shape[b+1:]`` (``(o, n, m, k, i)`` when merged)."""
-        before, after = self._around_batch(like)
-        return self._typed(self.build.reshape(multiplier, self.shape_with_pairs(before, after)),
-                           [*before, "n", "m", "k", *after])
+        """P-form → expanded form ``shape[:b] + (n, m, k) + shape[b+1:]`` (``(o, n, m, k, i)`` when merged).
 
-    def collapse(self, expanded: ir.Value, like: ir.Value) -> ir.Value:
-        """Expanded form → P-form of ``like``'s shape."""
+        Made once per multiplier and layout; a multiplier that :meth:`collapse` made gets its expanded form back.
+        """
+        before, after = self._around_batch(like)
+        return self._cached(("expanded", multiplier.name, tuple(before), tuple(after)), lambda: self._typed(
+            self.build.reshape(multiplier, self.shape_with_pairs(before, after)), [*before, "n", "m", "k", *after]))
+
+    def collapse(self, expanded: ir.Value, like: ir.Value, remember: bool = False) -> ir.Value:
+        """Expanded form → P-form of ``like``'s shape; ``remember``: :meth:`expand` of the result gives
+        ``expanded`` back (only for a tensor known to have exactly the expanded shape of ``like``)."""
         b, shape = self.batch_axis(like), self.shape(like)
-        return self._typed(self.build.reshape(expanded, [*shape[:b], -1, *shape[b + 1:]]), self.p_shape(like))
+        collapsed = self._typed(self.build.reshape(expanded, [*shape[:b], -1, *shape[b + 1:]]), self.p_shape(like))
+        if remember:
+            before, after = self._around_batch(like)
+            self._cache[("expanded", collapsed.name, tuple(before), tuple(after))] = expanded
+        return collapsed
 
     def p_shape(self, like: ir.Value) -> list:
         """``like``'s P-form shape with named dims: ``pairs`` (n·m·k rows) at the batch position."""
@@ -297,7 +330,7 @@ class PairContext:
             return multiplier
         like = multiplier.like
         product = self.build.op("Mul", [self.expand(multiplier.base, like), multiplier.factor], hint="scaled")
-        return self.collapse(product, like)
+        return self.collapse(product, like, remember=True)  # the factor is per pair: the base's shape
 
     def add(self, a: Multiplier | None, b: Multiplier | None) -> Multiplier | None:
         """The sum of two multipliers of one tensor (either may be absent)."""
