@@ -72,8 +72,8 @@ CONVOLUTIONS = frozenset({"Conv", "ConvTranspose"})
 
 
 def graph_optimization(model: ir.Model | onnx.ModelProto | bytes) -> str:
-    """ONNX Runtime's graph optimisation level for running ``model``: ``"all"`` when it convolves (or is given as
-    bytes), else ``"disable"``.
+    """ONNX Runtime's graph optimisation level for running ``model``: ``"all"`` when it convolves, else
+    ``"disable"``.
 
     Session creation costs ONNX Runtime time per node, several times more with its optimisers on; the unrolled
     recurrent graphs have thousands of small nodes and gain nothing at run time from the optimisers, while
@@ -90,10 +90,9 @@ def graph_optimization(model: ir.Model | onnx.ModelProto | bytes) -> str:
         return forced
     if isinstance(model, ir.Model):
         ops = {node.op_type for node in model.graph}
-    elif isinstance(model, onnx.ModelProto):
-        ops = {node.op_type for node in model.graph.node}
     else:
-        return "all"
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.ModelProto.FromString(model)
+        ops = {node.op_type for node in proto.graph.node}
     return "all" if ops & CONVOLUTIONS else "disable"
 
 

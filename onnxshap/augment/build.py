@@ -69,6 +69,10 @@ class AugmentedModel:
         ``n·m·(k·bytes_per_output + bytes_per_pair) + (n + m)·bytes_per_row``."""
         return n * m * (k * self.bytes_per_output + self.bytes_per_pair) + (n + m) * self.bytes_per_row
 
+    def session_source(self) -> ir.Model | bytes:
+        """What ONNX Runtime's session is made from: the model (a cached entry gives its serialized bytes)."""
+        return self.model
+
     @functools.cached_property
     def proto(self) -> onnx.ModelProto:
         """The model as one ModelProto.
