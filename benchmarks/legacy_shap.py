@@ -27,6 +27,9 @@ Input ``.npz`` (one model, its weights in Keras layout, the data)::
     kernel            (F, G·units)     G = 4 (LSTM gates i, f, c, o) or 3 (GRU gates z, r, h)
     recurrent_kernel  (units, G·units)
     bias              LSTM (4·units,); GRU (2, 3·units): input and recurrent biases (``reset_after=True``)
+    layers            optional, default 1: a stack of that many recurrent layers (each but the last returns
+                      sequences); layer j's weights are ``kernel_j``, ``recurrent_kernel_j``, ``bias_j``
+                      (``units_j`` hidden units) and ``kernel`` etc. are the last layer's
     dense_kernel      (units or T·units, k)
     dense_bias        (k,)
     x                 (n, T, F) rows to explain
@@ -43,6 +46,8 @@ Output ``.npz``::
     predictions       (n, k) and ``background_predictions`` (m, k): the tf_keras model's outputs
     seconds           wall time of ``explainer.shap_values(x)`` (additivity check off)
     setup_seconds     wall time of ``shap.DeepExplainer(model, background)``
+    process_seconds   wall time from the script's start (before TensorFlow is imported) to the end of that
+                      ``shap_values`` call: the whole cold start of a fresh TF1 process (first model only)
     versions          "tensorflow X, tf_keras Y, shap Z"
 
 Usage (several pairs share one TensorFlow start-up, ~10 s)::
@@ -65,6 +70,7 @@ from pathlib import Path
 
 import numpy as np
 
+STARTED = time.perf_counter()
 SCRIPT = Path(__file__).resolve()
 REQUIRED = ("cell", "units", "T", "F", "head", "kernel", "recurrent_kernel", "bias", "dense_kernel",
             "dense_bias", "x", "background")
@@ -103,8 +109,12 @@ def keras_gru_weights(w_ih, w_hh, b_ih, b_hh) -> list[np.ndarray]:
 
 def write_input(path, *, cell: str, kernel, recurrent_kernel, bias, dense_kernel, dense_bias, x, background,
                 head: str = "last", unroll: bool = False, go_backwards: bool = False,
-                mask_value: float | None = None) -> Path:
-    """Write the script's input ``.npz`` (shapes are checked here, not in the subprocess)."""
+                mask_value: float | None = None, below: list[tuple] = ()) -> Path:
+    """Write the script's input ``.npz`` (shapes are checked here, not in the subprocess).
+
+    ``below``: ``(kernel, recurrent_kernel, bias)`` of the recurrent layers under the last one, lowest first
+    (a stacked model; each returns sequences).
+    """
     x = np.asarray(x, dtype=np.float32)
     background = np.asarray(background, dtype=np.float32)
     _, steps, features = x.shape
@@ -112,6 +122,12 @@ def write_input(path, *, cell: str, kernel, recurrent_kernel, bias, dense_kernel
     if cell not in ("lstm", "gru") or head not in ("last", "flat"):
         raise ValueError(f"cell must be lstm/gru and head last/flat; got {cell!r}, {head!r}")
     gates = 4 if cell == "lstm" else 3
+    stack = {}
+    for j, (k, rk, b) in enumerate(below):
+        assert np.shape(k) == (features, gates * np.shape(rk)[0]), np.shape(k)
+        features = np.shape(rk)[0]
+        stack.update({f"kernel_{j}": np.asarray(k, np.float32), f"recurrent_kernel_{j}": np.asarray(rk, np.float32),
+                      f"bias_{j}": np.asarray(b, np.float32)})
     assert np.shape(kernel) == (features, gates * units), np.shape(kernel)
     assert np.shape(recurrent_kernel) == (units, gates * units), np.shape(recurrent_kernel)
     assert np.shape(bias) == ((gates * units,) if cell == "lstm" else (2, gates * units)), np.shape(bias)
@@ -119,8 +135,8 @@ def write_input(path, *, cell: str, kernel, recurrent_kernel, bias, dense_kernel
     assert background.shape[1:] == x.shape[1:], (background.shape, x.shape)
     path = Path(path)
     optional = {} if mask_value is None else {"mask_value": np.float32(mask_value)}
-    np.savez(path, cell=cell, units=units, T=steps, F=features, head=head, unroll=int(unroll),
-             go_backwards=int(go_backwards), **optional,
+    np.savez(path, cell=cell, units=units, T=steps, F=x.shape[2], head=head, unroll=int(unroll),
+             go_backwards=int(go_backwards), layers=len(below) + 1, **optional, **stack,
              kernel=np.asarray(kernel, np.float32), recurrent_kernel=np.asarray(recurrent_kernel, np.float32),
              bias=np.asarray(bias, np.float32), dense_kernel=np.asarray(dense_kernel, np.float32),
              dense_bias=np.asarray(dense_bias, np.float32), x=x, background=background)
@@ -179,6 +195,13 @@ def _build(tf_keras, spec: dict):
     else:
         raise ValueError(f"unknown cell {cell!r}")
     masked = layers.Masking(float(spec["mask_value"]))(inputs) if "mask_value" in spec else inputs
+    for j in range(spec.get("layers", 1) - 1):  # a stack: the layers below return sequences
+        below_units = spec[f"recurrent_kernel_{j}"].shape[0]
+        below = layers.LSTM(below_units, **{**common, "return_sequences": True, "name": f"recurrent_{j}"}) \
+            if cell == "lstm" else layers.GRU(below_units, reset_after=True,
+                                              **{**common, "return_sequences": True, "name": f"recurrent_{j}"})
+        masked = below(masked)
+        below.set_weights([spec[f"kernel_{j}"], spec[f"recurrent_kernel_{j}"], spec[f"bias_{j}"]])
     hidden = layer(masked)
     if flat:
         hidden = layers.Flatten()(hidden)
@@ -197,7 +220,7 @@ def _load_spec(path) -> dict:
         spec = {k: data[k] for k in data.files}
     for key in ("cell", "head"):
         spec[key] = str(spec[key])
-    for key in ("units", "T", "F", "unroll", "go_backwards"):
+    for key in ("units", "T", "F", "unroll", "go_backwards", "layers"):
         if key in spec:
             spec[key] = int(spec[key])
     return spec
@@ -227,6 +250,7 @@ def explain(tf, tf_keras, shap, spec: dict) -> dict[str, np.ndarray]:
         "background_predictions": np.asarray(background_predictions, dtype=np.float64),
         "seconds": np.float64(seconds),
         "setup_seconds": np.float64(setup),
+        "process_seconds": np.float64(time.perf_counter() - STARTED),
     }
 
 

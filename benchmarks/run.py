@@ -1,22 +1,32 @@
-"""Side-by-side benchmark: onnxshap vs Captum DeepLiftShap, shap.DeepExplainer and the gradient floor.
+"""Side-by-side benchmark, cold and warm: onnxshap vs Captum DeepLiftShap, shap.DeepExplainer, shap's legacy TF1
+path and the gradient floor.
 
-Every (tool, model) cell runs in its own process, so its peak RSS is its own. Each prints the median wall time
-of the explanation (model set-up excluded for all tools, the first call included in the median for none),
-the peak RSS of its process and the worst additivity error of its values:
-``max |Σφ − (f(x) − mean f(R))| / max(1, |f(x) − mean f(R)|)``.
+Every (tool, model) cell runs in its own process, so its peak RSS and its cold start are its own. Per cell:
 
-The gradient floor is the least any DeepLIFT-style method must do: one ONNX Runtime forward over the n + m
-rows and one torch.autograd backward over the n·m·k (sample, reference, output) pairs.
+- **cold**: construction + the first call, in a fresh process, imports excluded. onnxshap gets the model as
+  the framework object (a torch module or a Keras model), so its cold time includes the export to ONNX (shown
+  apart as ``export``). It runs twice: ``onnxshap`` with an empty cache folder, then ``onnxshap (cached)`` in
+  a new process with the folder the first one filled (``onnxshap.cache``: the augmented graph, and a Keras
+  model's export). shap and Captum need no graph build: their first call is their only call, so their cold
+  time is set-up + that call and their warm time the call alone. The legacy path reports shap's own set-up
+  and call times, and the wall time of its whole fresh process (TensorFlow's start and the tf_keras model's
+  graph-mode build included) as a note.
+- **warm**: the median of ``--repeats`` further calls (onnxshap, the floor).
+- additivity: ``max |Σφ − (f(x) − mean f(R))| / max(1, |f(x) − mean f(R)|)`` over the values.
 
-    python benchmarks/run.py                       # all models, n = m = 100, all outputs
-    python benchmarks/run.py --n 20 --models cnn   # the issue's reference point
-    python benchmarks/run.py --large               # 10 000 CNN rows against 100 references, top output
+The gradient floor is the least any DeepLIFT-style method must do: one ONNX Runtime forward over the n + m rows
+and one torch.autograd backward over the n·m·k (sample, reference, output) pairs.
+
+    python benchmarks/run.py                          # every model and tool, n = m = 100, all outputs
+    python benchmarks/run.py --n 20 --models cnn      # one model
+    python benchmarks/run.py --acceptance             # issue 12's acceptance runs, with PASS/FAIL and ratios
+    python benchmarks/run.py --resnet                 # ResNet-18 at 224², n = 8, m = 50, top-1: time, RSS
+    python benchmarks/run.py --large                  # 10 000 CNN rows against 100 references, top output
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -24,212 +34,234 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-TOOLS = ("onnxshap", "captum", "shap", "shap-keras", "floor")
+BENCHMARKS = Path(__file__).resolve().parent
+ROOT = BENCHMARKS.parent
+sys.path.insert(0, str(BENCHMARKS))
+
+from models import KERAS_MODELS, RECURRENT, build_model, keras_twin_weights, make_data, predict  # noqa: E402
+
+TOOLS = ("onnxshap", "onnxshap-cached", "captum", "shap", "shap-keras", "floor")
+MODELS = ("mlp", "cnn", "runoff_lstm", "stacked_lstm", "keras_bilstm")
 FLOOR_CHUNK = 10_000  # rows per autograd pass of the gradient floor
-MODELS = ("mlp", "cnn", "runoff_lstm", "stacked_lstm")
 
 
-# -- models -------------------------------------------------------------------------------------------
-def build_model(name: str):
-    """(torch module in eval mode, input feature shape) with seeded random weights."""
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    if name == "mlp":
-        return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3)).eval(), (20,)
-    if name == "cnn":
-        return nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10)).eval(), (1, 28, 28)
-
-    class Recurrent(nn.Module):
-        def __init__(self, features: int, hidden: list[int]) -> None:
-            super().__init__()
-            sizes = [features] + hidden
-            self.layers = nn.ModuleList(nn.LSTM(a, b, batch_first=True) for a, b in itertools.pairwise(sizes))
-            self.head = nn.Linear(hidden[-1], 1)
-
-        def forward(self, x):
-            for layer in self.layers:
-                x, _ = layer(x)
-            return self.head(x[:, -1])
-
-    if name == "runoff_lstm":
-        return Recurrent(9, [32]).eval(), (12, 9)
-    if name == "stacked_lstm":
-        return Recurrent(3, [10, 5, 1]).eval(), (10, 3)
-    raise ValueError(name)
+def applies(tool: str, model: str) -> bool:
+    """Whether ``tool`` runs on ``model`` (the torch tools need a torch model; the legacy path an LSTM stack)."""
+    if model in KERAS_MODELS:
+        return tool.startswith("onnxshap")
+    if tool == "shap-keras":
+        return model in RECURRENT
+    return True
 
 
-def make_data(shape, n: int, m: int):
-    rng = np.random.default_rng(0)
-    return rng.random((n, *shape), dtype=np.float32), rng.random((m, *shape), dtype=np.float32)
-
-
-def additivity(values: np.ndarray, predictions: np.ndarray, expected: np.ndarray) -> float:
-    """values (n, *features, k); predictions (n, k); expected (k,)."""
-    total = values.reshape(values.shape[0], -1, values.shape[-1]).sum(axis=1)
-    change = predictions - expected
-    return float((np.abs(total - change) / np.maximum(1.0, np.abs(change))).max())
-
-
-# -- tools (each returns: seconds per repeat, values (n, *features, k)) -------------------------------
-def run_onnxshap(module, x, background, repeats):
-    from onnxshap.converters import export_torch
-
+# -- tools: each returns {"cold", "warm", "values" (n, *features, k) or None, ...} ----------------------------
+def run_onnxshap(model, x, background, repeats, ranked=None):
     import onnxshap
+    import onnxshap.explainer as explainer_module
 
-    proto = export_torch(module, background[:2])
-    explainer = onnxshap.DeepExplainer(proto, background)
-    explainer.shap_values(x[:1], check_additivity=False)  # builds and caches the augmented graph for k outputs
-    times, values = [], None
-    for _ in range(repeats):
+    exported = []
+    export = explainer_module.framework_to_onnx
+
+    def timed_export(*args):
         start = time.perf_counter()
-        values = explainer.shap_values(x, check_additivity=False)
-        times.append(time.perf_counter() - start)
-    return times, values if values.ndim == x.ndim + 1 else values[..., None]
+        try:
+            return export(*args)
+        finally:
+            exported.append(time.perf_counter() - start)
+
+    explainer_module.framework_to_onnx = timed_export
+    start = time.perf_counter()
+    explainer = onnxshap.DeepExplainer(model, background)
+    values = explainer.shap_values(x, ranked_outputs=ranked, check_additivity=False)
+    cold = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        values = explainer.shap_values(x, ranked_outputs=ranked, check_additivity=False)
+        times.append(time.perf_counter() - begin)
+    values, indices = values if ranked else (values, None)
+    values = values if values.ndim == x.ndim + 1 else values[..., None]
+    return {"cold": cold, "warm": statistics.median(times) if times else None, "values": values,
+            "indices": indices, "export": sum(exported), "nodes": len(explainer.augmented.model.graph)}
 
 
-def run_captum(module, x, background, repeats):
+def run_captum(module, x, background, repeats, ranked=None):
     import torch
     from captum.attr import DeepLiftShap
 
+    start = time.perf_counter()
     explainer = DeepLiftShap(module)
     inputs, baselines = torch.tensor(x), torch.tensor(background)
-    k = module(inputs[:1]).shape[1]
-    times, values = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        values = np.stack([explainer.attribute(inputs, baselines=baselines, target=j).detach().numpy()
-                           for j in range(k)], axis=-1)
-        times.append(time.perf_counter() - start)
-    return times, values
+    with torch.no_grad():
+        outputs = module(inputs)
+    targets = outputs.argmax(1, keepdim=True) if ranked else torch.arange(outputs.shape[1]).repeat(len(x), 1)
+    set_up = time.perf_counter()
+    values = np.stack([explainer.attribute(inputs, baselines=baselines, target=targets[:, j]).detach().numpy()
+                       for j in range(targets.shape[1])], axis=-1)
+    end = time.perf_counter()
+    return {"cold": end - start, "warm": end - set_up, "values": values, "indices": targets.numpy()}
 
 
-def run_shap(module, x, background, repeats):
+def run_shap(module, x, background, repeats, ranked=None):
     import shap
     import torch
 
+    start = time.perf_counter()
     explainer = shap.DeepExplainer(module, torch.tensor(background))
-    times, values = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        values = np.asarray(explainer.shap_values(torch.tensor(x), check_additivity=False))
-        times.append(time.perf_counter() - start)
-    return times, values if values.ndim == x.ndim + 1 else values[..., None]
+    set_up = time.perf_counter()
+    values = explainer.shap_values(torch.tensor(x), ranked_outputs=ranked, check_additivity=False)
+    end = time.perf_counter()
+    values, indices = values if ranked else (values, None)
+    values = np.asarray(values)
+    values = values if values.ndim == x.ndim + 1 else values[..., None]
+    return {"cold": end - start, "warm": end - set_up, "values": values,
+            "indices": None if indices is None else np.asarray(indices)}
 
 
-def run_floor(module, x, background, repeats):
+def run_floor(module, x, background, repeats, ranked=None):
     """ORT forward over n + m rows + an autograd backward over the n·m·k pair rows (in chunks of 10 000)."""
     import onnxruntime as ort
     import torch
     from onnxshap.converters import export_torch
 
     proto = export_torch(module, background[:2])
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
     m = len(background)
-    k = module(torch.tensor(x[:1])).shape[1]
+    k = 1 if ranked else predict(module, x[:1]).shape[1]
     rows = np.repeat(x, m * k, axis=0)
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    start = time.perf_counter()
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for _ in range(repeats + 1):
+        begin = time.perf_counter()
         session.run(None, {name: np.concatenate([x, background])})
-        for begin in range(0, len(rows), FLOOR_CHUNK):  # chunks keep activations in memory
-            pairs = torch.tensor(rows[begin:begin + FLOOR_CHUNK], requires_grad=True)
+        for first in range(0, len(rows), FLOOR_CHUNK):  # chunks keep activations in memory
+            pairs = torch.tensor(rows[first:first + FLOOR_CHUNK], requires_grad=True)
             out = module(pairs)
             seed = torch.zeros_like(out)
-            index = torch.arange(begin, begin + len(pairs))
-            seed[index - begin, index % k] = 1.0
+            index = torch.arange(first, first + len(pairs))
+            seed[index - first, index % k if not ranked else out.argmax(1)] = 1.0
             out.backward(seed)
-        times.append(time.perf_counter() - start)
-    return times, None
+        times.append(time.perf_counter() - begin)
+        if len(times) == 1:
+            cold = time.perf_counter() - start
+    return {"cold": cold, "warm": statistics.median(times[1:]) if repeats else times[0], "values": None}
 
 
-def run_shap_keras(module, x, background, repeats):
-    """shap.DeepExplainer on the tf_keras twin through shap's legacy TF1 path (single-layer LSTMs only)."""
-    import tempfile
-
+def run_shap_keras(module, x, background, repeats, ranked=None):
+    """shap.DeepExplainer on the tf_keras twin through shap's legacy TF1 path (one-direction LSTM stacks)."""
     import legacy_shap
 
-    if len(module.layers) != 1:
-        raise ValueError("the legacy Keras path is benchmarked on single-layer LSTMs only")
-    lstm = module.layers[0]
-    weights = legacy_shap.keras_lstm_weights(*(getattr(lstm, f"{p}_l0").detach().numpy()
-                                               for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
     with tempfile.TemporaryDirectory() as folder:
         source, target = f"{folder}/in.npz", f"{folder}/out.npz"
-        legacy_shap.write_input(source, cell="lstm", kernel=weights[0], recurrent_kernel=weights[1], bias=weights[2],
-                                dense_kernel=module.head.weight.detach().numpy().T,
-                                dense_bias=module.head.bias.detach().numpy(), x=x, background=background)
+        legacy_shap.write_input(source, x=x, background=background, **keras_twin_weights(module))
         result = legacy_shap.run([(source, target)])[0]
-    return [float(result["seconds"])], result["shap_values"]
+    seconds, setup = float(result["seconds"]), float(result["setup_seconds"])
+    return {"cold": setup + seconds, "warm": seconds, "values": result["shap_values"],
+            "process": float(result["process_seconds"])}
 
 
-RUNNERS = {"onnxshap": run_onnxshap, "captum": run_captum, "shap": run_shap, "floor": run_floor,
-           "shap-keras": run_shap_keras}
+RUNNERS = {"onnxshap": run_onnxshap, "onnxshap-cached": run_onnxshap, "captum": run_captum, "shap": run_shap,
+           "floor": run_floor, "shap-keras": run_shap_keras}
 
 
-def worker(tool: str, model_name: str, n: int, m: int, repeats: int) -> dict:
+def additivity(values: np.ndarray, predictions: np.ndarray, expected: np.ndarray, indices=None) -> float:
+    """values (n, *features, k); predictions (n, all outputs); expected (all outputs,)."""
+    total = values.reshape(values.shape[0], -1, values.shape[-1]).sum(axis=1)
+    change = predictions - expected
+    if indices is not None:
+        change = np.take_along_axis(change, np.asarray(indices).reshape(len(change), -1), axis=1)
+    return float((np.abs(total - change) / np.maximum(1.0, np.abs(change))).max())
+
+
+def worker(tool: str, model_name: str, n: int, m: int, repeats: int, ranked: int | None) -> dict:
     import torch
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(os.cpu_count() or 1)
-    module, shape = build_model(model_name)
-    x, background = make_data(shape, n, m)
-    with torch.no_grad():
-        predictions = module(torch.tensor(x)).numpy().astype(np.float64)
-        expected = module(torch.tensor(background)).numpy().astype(np.float64).mean(axis=0)
-    times, values = RUNNERS[tool](module, x, background, repeats)
-    error = additivity(values.astype(np.float64), predictions, expected) if values is not None else None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": statistics.median(times), "rss": rss, "additivity": error}
+    model = build_model(model_name)
+    x, background = make_data(model_name, n, m)
+    predictions, expected = predict(model, x), predict(model, background).mean(axis=0)
+    result = RUNNERS[tool](model, x, background, repeats, ranked)
+    values = result.pop("values")
+    indices = result.pop("indices", None)
+    if values is not None:
+        result["additivity"] = additivity(values.astype(np.float64), predictions, expected, indices)
+    result["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
 
 
-def worker_large(n: int, m: int) -> dict:
-    """10 000 CNN rows against 100 references, top output only, with progress."""
-    from onnxshap.converters import export_torch
-
-    import onnxshap
-
-    module, shape = build_model("cnn")
-    x, background = make_data(shape, n, m)
-    explainer = onnxshap.DeepExplainer(export_torch(module, background[:2]), background)
-    start = time.perf_counter()
-    exp = explainer.explain(x, ranked_outputs=1, progress=True)
-    seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "rss": rss, "additivity": float(exp.additivity_error.max())}
-
-
-def _spawn(args: list[str], timeout: float) -> dict | None:
+# -- the driver ---------------------------------------------------------------------------------------------
+def spawn(tool: str, model: str, n: int, m: int, repeats: int, timeout: float, ranked: int | None = None,
+          env: dict | None = None) -> dict:
+    """Run one cell in a fresh Python (its own cold start and peak RSS); ``{"error": ...}`` when it fails."""
+    args = ["--worker", tool, model, "--n", str(n), "--m", str(m), "--repeats", str(repeats)]
+    args += ["--ranked", str(ranked)] if ranked else []
     command = [sys.executable, str(Path(__file__).resolve()), *args]
     try:
-        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["failed"])[-1]
-        return {"error": tail[:120]}
+        return {"error": tail[:160]}
     return json.loads(lines[-1])
 
 
-def _cell(result: dict | None, base: float | None) -> str:
-    if result is None or "error" in result:
-        return f"{'n/a':>9} {'':>7} {'':>8} {'':>9}"
-    ratio = f"{result['seconds'] / base:6.2f}×" if base else ""
-    error = f"{result['additivity']:.1e}" if result.get("additivity") is not None else "—"
-    return f"{result['seconds']:8.3f}s {ratio:>7} {result['rss'] / 2**20:6.0f}MB {error:>9}"
+def run_model(model: str, tools: list[str], n: int, m: int, repeats: int, timeout: float,
+              ranked: int | None = None) -> dict[str, dict | None]:
+    """Every tool on one model; the two onnxshap runs share one fresh cache folder (empty for the first)."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="onnxshap-bench-cache-") as cache:
+        for tool in tools:
+            if not applies(tool, model):
+                results[tool] = None
+                continue
+            tool_repeats = repeats if tool.startswith("onnxshap") or tool == "floor" else 1
+            env = {"ONNXSHAP_CACHE": "1", "ONNXSHAP_CACHE_DIR": cache}
+            results[tool] = spawn(tool, model, n, m, tool_repeats, timeout, ranked, env)
+    return results
+
+
+def _seconds(value) -> str:
+    return f"{value:8.3f}s" if isinstance(value, (int, float)) else f"{'—':>9}"
+
+
+def print_table(title: str, rows: dict[str, dict[str, dict | None]], tools: list[str]) -> None:
+    """Cold and warm per model and tool, ratios to onnxshap's cold and warm, peak RSS and additivity."""
+    print(f"\n{title}")
+    print(f"{'model':14s} {'tool':16s} {'cold':>9s} {'ratio':>7s} {'warm':>9s} {'ratio':>7s} {'peakRSS':>8s} "
+          f"{'additiv.':>9s}  notes")
+    for model, results in rows.items():
+        base = results.get("onnxshap") or {}
+        for tool in tools:
+            result = results.get(tool)
+            if result is None:
+                continue
+            if "error" in result:
+                print(f"{model:14s} {tool:16s} failed: {result['error']}")
+                continue
+            ratios = [f"{result[key] / base[key]:6.2f}×" if isinstance(result.get(key), (int, float)) and
+                      isinstance(base.get(key), (int, float)) and base[key] > 0 else "" for key in ("cold", "warm")]
+            error = f"{result['additivity']:.1e}" if result.get("additivity") is not None else "—"
+            notes = []
+            if result.get("export"):
+                notes.append(f"export {result['export']:.2f} s")
+            if result.get("nodes"):
+                notes.append(f"{result['nodes']} nodes")
+            if result.get("process"):
+                notes.append(f"whole fresh process with TensorFlow's start {result['process']:.2f} s")
+            print(f"{model:14s} {tool:16s} {_seconds(result['cold'])} {ratios[0]:>7s} {_seconds(result.get('warm'))} "
+                  f"{ratios[1]:>7s} {result['rss'] / 2**20:6.0f}MB {error:>9s}  {', '.join(notes)}", flush=True)
 
 
 def machine() -> str:
@@ -243,57 +275,65 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    return (f"{cpu}, {os.cpu_count()} cores{load}, Python {platform.python_version()}, "
             f"onnxruntime {onnxruntime.__version__}")
 
 
-def main(argv=None) -> int:
+def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100, help="samples to explain (default 100)")
     parser.add_argument("--m", type=int, default=100, help="background rows (default 100)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median; default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="warm repeats per cell (median; default 3)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per cell before giving up")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per cell before giving up")
+    parser.add_argument("--acceptance", action="store_true", help="issue 12's acceptance runs (see acceptance.py)")
+    parser.add_argument("--resnet", action="store_true", help="ResNet-18 at 224², n = 8, m = 50, top-1")
     parser.add_argument("--large", action="store_true", help="10 000 CNN rows, top output, peak RSS")
     parser.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--ranked", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     if args.worker:
         tool, model = args.worker
-        result = worker_large(args.n, args.m) if tool == "large" else worker(tool, model, args.n, args.m,
-                                                                               args.repeats)
-        print(json.dumps(result))
+        if tool == "large":
+            print(json.dumps(worker_large(args.n, args.m)))
+        else:
+            print(json.dumps(worker(tool, model, args.n, args.m, args.repeats, args.ranked)))
         return 0
     print(f"machine: {machine()}")
+    if args.acceptance or args.resnet:
+        import acceptance
+
+        return acceptance.main(args, resnet_only=args.resnet and not args.acceptance)
     if args.large:
         n = 10_000 if args.n == 100 else args.n
         print(f"large: CNN, n = {n}, m = {args.m}, ranked_outputs = 1")
-        result = _spawn(["--worker", "large", "cnn", "--n", str(n), "--m", str(args.m)], args.timeout)
+        result = spawn("large", "cnn", n, args.m, 1, args.timeout)
         print(json.dumps(result))
-        return 0 if result and "error" not in result else 1
-    print(f"n = {args.n} samples, m = {args.m} references, all outputs; median of {args.repeats}; "
-          "ratio = time / onnxshap's time")
-    header = f"{'model':14s}" + "".join(f" | {tool:>35s}" for tool in args.tools)
-    print("shap-keras: shap's legacy TF1 path on the tf_keras twin (the only exact shap path for LSTMs); "
-          "floor: ORT forward + torch backward over the n·m·k pairs")
-    print(header)
-    print(f"{'':14s}" + "".join(f" | {'time':>9} {'ratio':>7} {'peakRSS':>8} {'additiv.':>9}" for _ in args.tools))
-    for model in args.models:
-        results = {}
-        for tool in args.tools:
-            if tool == "shap-keras" and model != "runoff_lstm":
-                results[tool] = None
-                continue
-            repeats = args.repeats if tool in ("onnxshap", "floor") else 1
-            results[tool] = _spawn(["--worker", tool, model, "--n", str(args.n), "--m", str(args.m),
-                                    "--repeats", str(repeats)], args.timeout)
-        base = results.get("onnxshap", {}) or {}
-        base_seconds = base.get("seconds") if "error" not in base else None
-        print(f"{model:14s}" + "".join(f" | {_cell(results[t], base_seconds)}" for t in args.tools), flush=True)
-        for tool, result in results.items():
-            if result is not None and "error" in result:
-                print(f"    {tool} on {model}: {result['error']}")
+        return 0 if "error" not in result else 1
+    rows = {model: run_model(model, args.tools, args.n, args.m, args.repeats, args.timeout) for model in args.models}
+    print_table(f"n = {args.n} samples, m = {args.m} references, all outputs; warm: median of {args.repeats}; "
+                "ratio = time / onnxshap's", rows, args.tools)
     return 0
+
+
+def worker_large(n: int, m: int) -> dict:
+    """10 000 CNN rows against 100 references, top output only, with progress."""
+    import onnxshap
+
+    module = build_model("cnn")
+    x, background = make_data("cnn", n, m)
+    explainer = onnxshap.DeepExplainer(module, background)
+    start = time.perf_counter()
+    exp = explainer.explain(x, ranked_outputs=1, progress=True)
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "rss": rss, "additivity": float(exp.additivity_error.max())}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ data flows down through them once.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -26,12 +27,13 @@ from onnxshap.augment.tokens import (
     values_by_input,
     with_context,
 )
+from onnxshap.cache import cached_augmented, cached_export
 from onnxshap.check import refuse_unknown_ops
 from onnxshap.errors import UsageError
 from onnxshap.explanation import Explanation
 from onnxshap.files.model_files import data_path, needs_external_data, stage_model
 from onnxshap.files.write import OutputSet
-from onnxshap.load.data import feature_names_of, feeds
+from onnxshap.load.data import feature_names_of, feeds, first_array
 from onnxshap.load.frameworks import framework_to_onnx, is_onnx_source
 from onnxshap.load.model import load_model, signature
 from onnxshap.lower import lower
@@ -74,6 +76,9 @@ class DeepExplainer:
         max_memory: memory budget in bytes for one ONNX Runtime call (default: a quarter of the physical RAM,
             at most 1 GiB); the runner splits samples, then references, then outputs to stay inside it.
         feature_names: names of the last axis of the (single) explained input; DataFrame columns by default.
+        cache: keep the augmented graph (and the export of a Keras model made of Keras layers) in the user cache
+            folder, so that the next process with the same model and background shapes skips building it
+            (:mod:`onnxshap.cache`; ``ONNXSHAP_CACHE=0`` turns it off everywhere).
 
     The explainer pickles (the model's bytes, the background, the options and the expected values; ONNX Runtime
     sessions are made again on first use), so it can be sent to a ``ProcessPoolExecutor``, Ray or Dask worker.
@@ -84,21 +89,27 @@ class DeepExplainer:
     """
 
     def __init__(self, model, data, *, layer=None, outputs=None, device: str = "auto",
-                 batch_size: int | None = None, max_memory: int | None = None, feature_names=None) -> None:
+                 batch_size: int | None = None, max_memory: int | None = None, feature_names=None,
+                 cache: bool = True) -> None:
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {batch_size}")
-        proto = load_model(model if is_onnx_source(model) else framework_to_onnx(model, data))
+        if is_onnx_source(model):
+            proto = load_model(model)
+        else:
+            export = functools.partial(framework_to_onnx, model, data)
+            proto = load_model(cached_export(model, [np.asarray(first_array(data))], export) if cache else export())
         self._setup(proto, data, layer=layer, outputs=outputs, device=device, batch_size=batch_size,
-                    max_memory=max_memory or _default_budget(), feature_names=feature_names or feature_names_of(data))
+                    max_memory=max_memory or _default_budget(), feature_names=feature_names or feature_names_of(data),
+                    cache=cache)
         reference_outputs = self.runner.predict(self.background)
         self._expected = reference_outputs.mean(axis=0)
         self._expected_magnitude = np.abs(reference_outputs).mean(axis=0)  # the additivity check's scale
 
     def _setup(self, proto: onnx.ModelProto, data, *, layer, outputs, device, batch_size, max_memory,
-               feature_names) -> None:
+               feature_names, cache: bool = True) -> None:
         """Every stage up to the runner (sessions are made on first use); shared by ``__init__`` and unpickling."""
         self._options = {"layer": layer, "outputs": outputs, "device": device, "batch_size": batch_size,
-                         "max_memory": max_memory, "feature_names": feature_names}
+                         "max_memory": max_memory, "feature_names": feature_names, "cache": cache}
         self.providers = runtime.providers_for(device)
         self.batch_size = batch_size
         self.max_memory = max_memory
@@ -158,7 +169,8 @@ class DeepExplainer:
     def augmented(self) -> AugmentedModel:
         """The augmented model (built on first use)."""
         if self._augmented is None:
-            self._augmented = build_augmented(self.plan)
+            self._augmented = cached_augmented(self.plan, build_augmented) if self._options["cache"] else \
+                build_augmented(self.plan)
         return self._augmented
 
     def predict(self, X) -> np.ndarray:

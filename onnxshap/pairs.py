@@ -136,30 +136,49 @@ class PairContext:
         """The sample side (n rows) of a variable tensor; a constant tensor is its own."""
         if not self.is_variable(value):
             return self.const(value)
-        return self._cached(("x", value.name), lambda: self._rows(value, self.build.ints([0]), self.sizes.n, "x"))
+        return self._cached(("x", value.name), lambda: self.split_rows(value)[0])
 
     def r(self, value: ir.Value) -> ir.Value:
         """The reference side (m rows) of a variable tensor; a constant tensor is its own."""
         if not self.is_variable(value):
             return self.const(value)
-        return self._cached(("r", value.name), lambda: self._rows(
-            value, self.sizes.n, self.build.ints([INT64_MAX]), "r"))
+        return self._cached(("r", value.name), lambda: self.split_rows(value)[1])
 
-    def _rows(self, value: ir.Value, start: ir.Value, end: ir.Value, hint: str) -> ir.Value:
-        """Rows ``start:end`` of the stacked ``[X; R]`` forward tensor (of the batch factor of a merged axis)."""
-        b, shape = self.batch_axis(value), self.shape(value)
-        rows = "n" if hint == "x" else "m"
-        dtype = ir.DataType.from_numpy(self.dtype(value))
-        if not self.merged(value):
-            return self._typed(self.build.slice(value, start, end, [b], hint=hint), [*shape[:b], rows, *shape[b + 1:]],
-                               dtype)
-        before, after = self._around_batch(value)
-        split = self.build.reshape(value, [*before, -1, *after])
-        part = self._typed(self.build.slice(split, start, end, [len(before)], hint=hint), [*before, rows, *after],
-                           dtype)
-        outer, inner = self.split(value)
-        return self._typed(self.build.reshape(part, [*shape[:b], -1, *shape[b + 1:]]),
-                           [*shape[:b], f"{rows}*{outer * inner}", *shape[b + 1:]], dtype)
+    def split_rows(self, stacked: ir.Value, like: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
+        """``(x, r)``: the sample rows (the first n) and the reference rows (the other m) of a tensor computed
+        on the stacked ``[X; R]`` and laid out like ``like`` (default: ``stacked`` itself, a forward tensor).
+
+        One Split (sizes ``[n, m]`` as fed; two Slices before opset 13) on the batch axis, or on the batch
+        factor of a merged axis (reshaped there and back).
+        """
+        like = like if like is not None else stacked
+        key = ("rows", stacked.name)
+        if key in self._cache:
+            return self._cache[key]
+        b, shape = self.batch_axis(like), self.shape(like)
+        dtype = ir.DataType.from_numpy(self.dtype(like))
+        before, after = self._around_batch(like)
+        merged = self.merged(like)
+        rows = self.build.reshape(stacked, [*before, -1, *after]) if merged else stacked
+        axis = len(before) if merged else b
+        if self.build.opset >= 13:
+            sizes = self._cached(("row_sizes",), lambda: self.build.concat([self.sizes.n, self.sizes.m], 0,
+                                                                           hint="row_sizes"))
+            parts = self.build.op_multi("Split", [rows, sizes], {"axis": axis}, hint="rows", num_outputs=2)
+        else:
+            parts = [self.build.slice(rows, self.build.ints([0]), self.sizes.n, [axis], hint="x"),
+                     self.build.slice(rows, self.sizes.n, self.build.ints([INT64_MAX]), [axis], hint="r")]
+        sides = []
+        for part, named in zip(parts, ("n", "m")):
+            if not merged:
+                sides.append(self._typed(part, [*shape[:b], named, *shape[b + 1:]], dtype))
+                continue
+            self._typed(part, [*before, named, *after], dtype)
+            outer, inner = self.split(like)
+            sides.append(self._typed(self.build.reshape(part, [*shape[:b], -1, *shape[b + 1:]]),
+                                     [*shape[:b], f"{named}*{outer * inner}", *shape[b + 1:]], dtype))
+        self._cache[key] = tuple(sides)
+        return self._cache[key]
 
     @staticmethod
     def _typed(value: ir.Value, dims: list, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
@@ -207,10 +226,35 @@ class PairContext:
             "Sub", [self.pair_x(value), self.pair_r(value)], hint="delta"))
 
     def pair_mean(self, value: ir.Value) -> ir.Value:
-        """``(x + r) / 2`` per pair: the Shapley weight of the other player in a product."""
-        return self._cached(("mean", value.name), lambda: self.build.op(
-            "Mul", [self.build.op("Add", [self.pair_x(value), self.pair_r(value)]), self.build.scalar(0.5)],
-            hint="pair_mean"))
+        """``(x + r) / 2`` per pair: the Shapley weight of the other player in a product.
+
+        A piece of a Split (LSTM gates) takes its piece of the mean of the whole: one Add, Mul and Split for
+        all the pieces instead of one each.
+        """
+        key = ("mean", value.name)
+        if key not in self._cache and not self._split_pair_means(value):
+            self._cache[key] = self.build.op("Mul", [self.build.op("Add", [self.pair_x(value), self.pair_r(value)]),
+                                                    self.build.scalar(0.5)], hint="pair_mean")
+        return self._cache[key]
+
+    def _split_pair_means(self, value: ir.Value) -> bool:
+        """Cache the pair means of every output of the Split that made ``value`` from the mean of its input (on
+        an axis that is not the batch's); False when ``value`` is not such a piece."""
+        node = value.producer()
+        if node is None or node.op_type != "Split" or node.domain not in ("", "ai.onnx") or \
+                not self.is_variable(node.inputs[0]) or not all(self.is_variable(o) for o in node.outputs):
+            return False
+        whole = node.inputs[0]
+        axis = node.attributes.get_int("axis", 0)
+        axis = axis + self.rank(whole) if axis < 0 else axis
+        if axis == self.batch_axis(whole) or self.merged(whole) or \
+                any(self.batch_axis(o) != self.batch_axis(whole) or self.merged(o) for o in node.outputs):
+            return False
+        sizes = [self.shape(o)[axis] for o in node.outputs]
+        pieces = self.build.split(self.pair_mean(whole), self.expanded_axis(whole, axis), sizes, hint="pair_mean")
+        for out, piece in zip(node.outputs, pieces):
+            self._cache[("mean", out.name)] = piece
+        return True
 
     def pair_average(self, x_side: ir.Value, r_side: ir.Value, like: ir.Value) -> ir.Value:
         """``(x_side + r_side) / 2`` per pair, for tensors computed separately on the sample side (n rows)
@@ -248,15 +292,23 @@ class PairContext:
         return self._cached(key, lambda: self.build.concat(parts, 0, hint="pair_shape"))
 
     def expand(self, multiplier: ir.Value, like: ir.Value) -> ir.Value:
-        """P-form → expanded form ``shape[:b] + (n, m, k) + shape[b+1:]`` (``(o, n, m, k, i)`` when merged)."""
-        before, after = self._around_batch(like)
-        return self._typed(self.build.reshape(multiplier, self.shape_with_pairs(before, after)),
-                           [*before, "n", "m", "k", *after])
+        """P-form → expanded form ``shape[:b] + (n, m, k) + shape[b+1:]`` (``(o, n, m, k, i)`` when merged).
 
-    def collapse(self, expanded: ir.Value, like: ir.Value) -> ir.Value:
-        """Expanded form → P-form of ``like``'s shape."""
+        Made once per multiplier and layout; a multiplier that :meth:`collapse` made gets its expanded form back.
+        """
+        before, after = self._around_batch(like)
+        return self._cached(("expanded", multiplier.name, tuple(before), tuple(after)), lambda: self._typed(
+            self.build.reshape(multiplier, self.shape_with_pairs(before, after)), [*before, "n", "m", "k", *after]))
+
+    def collapse(self, expanded: ir.Value, like: ir.Value, remember: bool = False) -> ir.Value:
+        """Expanded form → P-form of ``like``'s shape; ``remember``: :meth:`expand` of the result gives
+        ``expanded`` back (only for a tensor known to have exactly the expanded shape of ``like``)."""
         b, shape = self.batch_axis(like), self.shape(like)
-        return self._typed(self.build.reshape(expanded, [*shape[:b], -1, *shape[b + 1:]]), self.p_shape(like))
+        collapsed = self._typed(self.build.reshape(expanded, [*shape[:b], -1, *shape[b + 1:]]), self.p_shape(like))
+        if remember:
+            before, after = self._around_batch(like)
+            self._cache[("expanded", collapsed.name, tuple(before), tuple(after))] = expanded
+        return collapsed
 
     def p_shape(self, like: ir.Value) -> list:
         """``like``'s P-form shape with named dims: ``pairs`` (n·m·k rows) at the batch position."""
@@ -278,7 +330,7 @@ class PairContext:
             return multiplier
         like = multiplier.like
         product = self.build.op("Mul", [self.expand(multiplier.base, like), multiplier.factor], hint="scaled")
-        return self.collapse(product, like)
+        return self.collapse(product, like, remember=True)  # the factor is per pair: the base's shape
 
     def add(self, a: Multiplier | None, b: Multiplier | None) -> Multiplier | None:
         """The sum of two multipliers of one tensor (either may be absent)."""

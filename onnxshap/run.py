@@ -127,7 +127,7 @@ class Runner:
     def session(self, augmented: AugmentedModel):
         """The augmented model's session (made once)."""
         if self._augmented is None:
-            self._augmented = runtime.make_session(augmented.model, self.providers)
+            self._augmented = runtime.make_session(augmented.session_source(), self.providers)
         return self._augmented
 
     def explain(self, augmented: AugmentedModel, feeds: dict[str, np.ndarray], background: dict[str, np.ndarray],

@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -29,6 +30,7 @@ from onnxshap.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
 from onnxshap.errors import first_line
 from onnxshap.files import read as files_read
 from onnxshap.files import write as files_write
+from tests import peak_rss
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -107,22 +109,20 @@ def refused_without_writing(argv, folder: Path, capfd, expected_code: int, *word
 
 
 def peak_rss_kib(args, env=None, timeout: float = 120.0) -> tuple[int, int, str]:
-    """(exit status, peak resident set size in KiB, stderr) of a child process (os.wait4 on that child)."""
-    with open(os.devnull, "rb") as stdin:
+    """(exit status, peak resident set size in KiB, stderr) of a child process (tests/peak_rss.py)."""
+    with tempfile.TemporaryDirectory() as folder, open(os.devnull, "rb") as stdin:
+        report = Path(folder) / "peak"
         child = subprocess.Popen(
-            args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or ENV
+            peak_rss.wrap(args, report), stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env or ENV
         )
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
+        try:
+            _, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
             child.kill()
-            raise AssertionError(f"{args} did not finish in {timeout} s")
-        time.sleep(0.05)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, usage.ru_maxrss, child.stderr.read().decode()
+            raise AssertionError(f"{args} did not finish in {timeout} s") from None
+        peak, code = peak_rss.read(report)
+    return code, peak, err.decode()
 
 
 @pytest.fixture(scope="module")
@@ -565,6 +565,7 @@ WRITER = """
 import sys, time
 from pathlib import Path
 from onnxshap.files import write as files_write
+from tests import peak_rss
 files_write.raise_on_sigterm()
 def writer(file):
     file.write(b"x" * 1000)

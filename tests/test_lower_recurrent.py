@@ -21,7 +21,7 @@ def _unroll_recurrent(model: ir.Model) -> bool:
 ALLOWED = {
     "MatMul", "Add", "Sub", "Mul", "Div", "Neg", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "HardSigmoid", "Elu",
     "Softsign", "Softplus", "ThresholdedRelu", "Clip", "Split", "Concat", "Squeeze", "Unsqueeze", "Transpose",
-    "Reshape", "Slice", "Gather", "Identity",
+    "Reshape", "Slice", "Gather", "Identity", "Where",
 }
 RECURRENT = {"LSTM", "GRU", "RNN", "Loop", "Scan"}
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -276,9 +276,11 @@ def test_names_and_structure():
     m = ir.from_proto(model)
     _unroll_recurrent(m)
     names = [n.name for n in m.graph]
-    assert "lstm1/t2/forget_gate" in names and "lstm1/t0/input_gate" in names
+    assert "lstm1/t2/gates" in names and "lstm1/t0/cell_act" in names
     assert len(names) == len(set(names))
     assert [n.op_type for n in m.graph].count("Split") == 1 + 3  # one time split + one gate split per step
+    # all four gates of a step activated at once: Sigmoid and Tanh on the whole pre-activation, one Where
+    assert [n.op_type for n in m.graph].count("Where") == 3
     assert [o.name for o in m.graph.outputs] == ["Y", "Y_h", "Y_c"]
     assert not {"W", "R", "B"} & set(m.graph.initializers)  # the original weights are dropped
     assert not _unroll_recurrent(m)  # nothing left to do

@@ -1,5 +1,5 @@
 """Memory: graphs over protobuf's 2 GB limit, the per-call estimate against ONNX Runtime's real peak, and peak
-RSS of whole runs (measured in subprocesses with os.wait4) inside the memory budget."""
+RSS of whole runs (measured in subprocesses, tests/peak_rss.py) inside the memory budget."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import select
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import textwrap
 import time
@@ -25,6 +26,7 @@ from onnxshap import runtime
 from onnxshap.cli import EXIT_OK, main
 from onnxshap.errors import OnnxShapError
 from onnxshap.files import model_files
+from tests import peak_rss
 from tests.scale_models import mlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,9 +109,19 @@ def test_the_side_file_is_checked_like_every_output(monkeypatch, tmp_path, wide)
 
 # -- peak memory, measured --------------------------------------------------------------------------------------
 def _peak_rss(args: list[str], timeout: float, stderr_tty: bool = False, env=None) -> tuple[int, str, str, int]:
-    """Run ``args``; return (peak RSS in bytes from os.wait4, stdout, stderr, exit status). With ``stderr_tty``
-    stderr is a pseudo-terminal (progress bars draw only on a terminal)."""
+    """Run ``args``; return (peak RSS in bytes, stdout, stderr, exit status), measured by the trampoline of
+    ``tests/peak_rss.py`` (so pytest's own size is not counted). With ``stderr_tty`` stderr is a pseudo-terminal
+    (progress bars draw only on a terminal)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "peak"
+        out, err = _communicate(peak_rss.wrap(args, report), timeout, stderr_tty, env)
+        peak_kib, code = peak_rss.read(report)
+    return peak_kib * 1024, out.decode(), err.decode(errors="replace"), code
+
+
+def _communicate(args: list[str], timeout: float, stderr_tty: bool, env: dict) -> tuple[bytes, bytes]:
+    """Run ``args`` to completion; its (stdout, stderr)."""
     master = slave = None
     if stderr_tty:
         master, slave = pty.openpty()
@@ -136,8 +148,8 @@ def _peak_rss(args: list[str], timeout: float, stderr_tty: bool = False, env=Non
     out = process.stdout.read()
     if not stderr_tty:
         err = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    return usage.ru_maxrss * 1024, out.decode(), err.decode(errors="replace"), os.waitstatus_to_exitcode(status)
+    process.wait(timeout)
+    return out, err
 
 
 CNN_RUN = """

@@ -28,7 +28,7 @@ from onnxshap.augment.plan import Plan, walk
 from onnxshap.augment.sweep import sweep
 from onnxshap.errors import OnnxShapError
 from onnxshap.files.model_files import needs_external_data, weight_bytes
-from onnxshap.graph.builder import Builder
+from onnxshap.graph.builder import Builder, collection_paused
 from onnxshap.graph.edit import all_names, remove_dead_nodes
 from onnxshap.lower.lowered import LoweredModel
 from onnxshap.pairs import Multiplier, PairContext, PairSizes
@@ -69,6 +69,10 @@ class AugmentedModel:
         ``n·m·(k·bytes_per_output + bytes_per_pair) + (n + m)·bytes_per_row``."""
         return n * m * (k * self.bytes_per_output + self.bytes_per_pair) + (n + m) * self.bytes_per_row
 
+    def session_source(self) -> ir.Model | bytes:
+        """What ONNX Runtime's session is made from: the model (a cached entry gives its serialized bytes)."""
+        return self.model
+
     @functools.cached_property
     def proto(self) -> onnx.ModelProto:
         """The model as one ModelProto.
@@ -86,6 +90,11 @@ class AugmentedModel:
 
 def build_augmented(plan: Plan) -> AugmentedModel:
     """The augmented model of ``plan`` (see the module docstring)."""
+    with collection_paused():
+        return _build(plan)
+
+
+def _build(plan: Plan) -> AugmentedModel:
     model = ir.from_proto(runtime.to_proto(plan.lowered.model))  # a copy: the forward model stays as it is
     graph = model.graph
     taken = all_names(graph)

@@ -20,6 +20,8 @@ from onnxshap.pairs import Multiplier, PairContext
 from onnxshap.rules.elementwise import rescale_factor
 from onnxshap.rules.table import OpRule
 
+_ONE = object()  # the tangent of the source itself
+
 
 def region_sources(ctx: PairContext, nodes: list[ir.Node], table: dict[str, OpRule]) -> dict[str, ir.Value]:
     """For every tensor computed inside a fusion region, by name: the region's single variable source."""
@@ -46,11 +48,16 @@ def region_sources(ctx: PairContext, nodes: list[ir.Node], table: dict[str, OpRu
 
 
 class Fusion:
-    """The rescale from a region's exit tensor to its source, with forward-mode tangents built once per side."""
+    """The rescale from a region's exit tensor to its source, with forward-mode tangents built once.
+
+    Tangents are computed on the stacked ``[X; R]`` rows (n + m of them, every side at once) and split into
+    the sample and reference sides only where a slope is needed.
+    """
 
     def __init__(self, ctx: PairContext, sources: dict[str, ir.Value], table: dict[str, OpRule]) -> None:
         self.ctx, self.sources, self.table = ctx, sources, table
-        self._tangents: dict[tuple[str, str], ir.Value | None] = {}
+        self._tangents: dict[str, ir.Value | None] = {}
+        self._from_data: dict[str, bool] = {}
 
     def source_of(self, value: ir.Value) -> ir.Value | None:
         return self.sources.get(value.name)
@@ -59,38 +66,54 @@ class Fusion:
         """``M_s`` from ``M_t`` for the exit tensor ``out`` of the region with source ``s`` (lazy)."""
         ctx, b = self.ctx, self.ctx.build
         source = self.sources[out.name]
-        slope = ctx.pair_average(self._tangent(out, source, "x"), self._tangent(out, source, "r"), out)
         magnitude = b.op("Add", [b.op("Abs", [ctx.pair_x(out)]), b.op("Abs", [ctx.pair_r(out)])])
-        factor = rescale_factor(b, ctx.pair_delta(out), ctx.pair_delta(source), slope, magnitude)
+        factor = rescale_factor(b, ctx.pair_delta(out), ctx.pair_delta(source), self._slope(out, source), magnitude)
         return ctx.scale(multiplier, factor, out)
 
-    def _tangent(self, value: ir.Value, source: ir.Value, side: str) -> ir.Value:
-        """d value / d source on one side, broadcast to the value's shape."""
-        b, ctx = self.ctx.build, self.ctx
-        tangent = self._tangent_or_none(value, source, side)
+    def _slope(self, out: ir.Value, source: ir.Value) -> ir.Value:
+        """``(g'(s_x) + g'(s_r)) / 2`` per pair (expanded, k = 1), from one tangent on the stacked rows."""
+        b = self.ctx.build
+        tangent = self._tangent(out, source)
         if tangent is None:
-            return b.op("Mul", [ctx.side(value, side), b.scalar(0.0)])
-        return b.op("Expand", [tangent, b.op("Shape", [ctx.side(value, side)])])
+            return b.scalar(0.0)
+        if not self._depends_on_data(tangent):  # a constant slope (a region of linear ops): in out's layout
+            tangent = b.op("Expand", [tangent, b.op("Shape", [out])])
+        x_side, r_side = self.ctx.split_rows(tangent, like=out)
+        return self.ctx.pair_average(x_side, r_side, out)
 
-    def _tangent_or_none(self, value: ir.Value, source: ir.Value, side: str) -> ir.Value | None:
-        """Forward mode through the region, in topological order (no recursion: regions may be long)."""
-        order = self._region_order(value, source)
-        for current in order:
-            key = (current.name, side)
-            if key in self._tangents:
+    def _tangent(self, value: ir.Value, source: ir.Value) -> ir.Value | None:
+        """d value / d source on the stacked rows (None: zero), by forward mode through the region in
+        topological order (no recursion: regions may be long). ``d source / d source = 1`` is not multiplied."""
+        b = self.ctx.build
+        for current in self._region_order(value, source):
+            if current.name in self._tangents:
                 continue
             node = current.producer()
+            inners = [None if v is None or not self.ctx.is_variable(v) else
+                      _ONE if v is source else self._tangents.get(v.name) for v in node.inputs]
+            if node.op_type == "Where":  # the tangent of the chosen branch (no 0·inf from a weighted sum)
+                branches = [b.scalar(0.0) if t is None else b.scalar(1.0) if t is _ONE else t for t in inners[1:]]
+                self._tangents[current.name] = None if inners[1] is None and inners[2] is None else \
+                    b.op("Where", [node.inputs[0], *branches])
+                continue
             tangent = None
-            inputs = [self.ctx.side(v, side) if v is not None else None for v in node.inputs]
-            partials = self.table[node.op_type].derivative(self.ctx.build, node, inputs, self.ctx.side(current, side))
-            for v, partial in zip(node.inputs, partials):
-                if partial is None or not self.ctx.is_variable(v):
-                    continue
-                inner = self.ctx.build.scalar(1.0) if v is source else self._tangents.get((v.name, side))
-                if inner is not None:
-                    tangent = self.ctx.build.add(tangent, self.ctx.build.op("Mul", [partial, inner]))
-            self._tangents[key] = tangent
-        return self.ctx.build.scalar(1.0) if value is source else self._tangents[(value.name, side)]
+            partials = self.table[node.op_type].derivative(b, node, list(node.inputs), current)
+            for partial, inner in zip(partials, inners):
+                if partial is not None and inner is not None:
+                    tangent = b.add(tangent, partial if inner is _ONE else b.op("Mul", [partial, inner]))
+            self._tangents[current.name] = tangent
+        return self._tangents[value.name]
+
+    def _depends_on_data(self, value: ir.Value) -> bool:
+        """Whether a tangent reads a variable tensor (else it is made of constants only)."""
+        if value.name not in self._from_data:
+            if value.name in self.ctx.lowered.shapes:
+                found = self.ctx.is_variable(value)
+            else:
+                node = value.producer()
+                found = node is not None and any(self._depends_on_data(v) for v in node.inputs if v is not None)
+            self._from_data[value.name] = found
+        return self._from_data[value.name]
 
     def _region_order(self, value: ir.Value, source: ir.Value) -> list[ir.Value]:
         """The region's tensors that ``value`` depends on, inputs before outputs."""

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab", metavar="FILE", help="token ids: the vocabulary, one token per line, line i "
                         "for id i (labels the --plot of a token input)")
     parser.add_argument("--no-check", action="store_true", help="do not fail when values do not add up")
+    parser.add_argument("--no-cache", action="store_true", help="do not keep the augmented graph in the user cache "
+                        "folder (ONNXSHAP_CACHE=0 does the same)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print more detail")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser
@@ -141,7 +143,8 @@ def run(args) -> int:
         else:
             background = sample_background(data, args.background_size, args.seed)
         explainer = DeepExplainer(proto, background, layer=args.layer, outputs=args.outputs, device=args.device,
-                                  batch_size=args.batch_size, max_memory=args.max_memory, feature_names=names)
+                                  batch_size=args.batch_size, max_memory=args.max_memory, feature_names=names,
+                                  cache=not args.no_cache)
         if args.resume:
             checkpoints = checkpoints_of(args, output, model_files, data, explainer)
         result = explainer.explain(data, ranked_outputs=args.rank, output_rank_order=args.rank_order,

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, NameFixPass
 
 from onnxshap.errors import UnsupportedModelError
+from onnxshap.graph.builder import collection_paused
 from onnxshap.graph.edit import opset_of
 from onnxshap.lower.batch import RECURRENT_OPS, declared_batch, probe_relaxing_batch, relax_input_batch
 from onnxshap.lower.composites import REWRITES, DecomposeComposites
@@ -47,6 +48,11 @@ MAX_PROBE_ROUNDS = 8
 
 def lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredModel:
     """Lower ``proto`` for data shaped like ``examples`` (input name → array with a leading batch axis)."""
+    with collection_paused():
+        return _lower(proto, examples)
+
+
+def _lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredModel:
     model = ir.from_proto(proto)
     for value in list(model.graph.inputs):  # keep_initializers_as_inputs / IR < 4: weights, not data
         if value.name in model.graph.initializers:

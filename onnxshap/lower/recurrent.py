@@ -24,7 +24,9 @@ pre-activation when the ``clip`` attribute is set:
         Ht = f(Xt·Wiᵀ + H·Riᵀ + Wbi + Rbi)
 
 ``X·Wᵀ + b`` is computed for the whole sequence in one MatMul and split into time steps with one Split; per
-step the gates are ``xw_t + H·Rᵀ`` followed by one Split.  The reverse direction walks the steps backwards.
+step the gate pre-activations are ``xw_t + H·Rᵀ``, activated together (each activation on the whole tensor, a
+constant mask picking each gate's block: one elementwise region, one rescale per step) and then split; an LSTM
+with peepholes activates each gate on its own.  The reverse direction walks the steps backwards.
 ``Y`` stacks every step's ``H`` (``[seq, dirs, batch, hidden]``, or ``[batch, seq, dirs, hidden]`` for
 ``layout=1``); ``Y_h``/``Y_c`` are the last states.  Absent initial states are zeros of shape
 ``(1, hidden)`` that broadcast, so the batch size is never baked in.  Activation parameters follow ONNX
@@ -109,6 +111,25 @@ def _gate(em: Builder, pre: ir.Value, act: tuple, clip: float | None, name: str)
     return em.op(op, [pre], {"alpha": alpha}, hint=name)
 
 
+def _gates(em: Builder, pre: ir.Value, acts: list[tuple], hidden: int, clip: float | None, name: str) -> list[ir.Value]:
+    """``act_j(clip(pre_j))`` for every gate block ``j`` of ``pre``'s last axis (``hidden`` wide each).
+
+    All gates are activated at once, before the split: each distinct activation is applied to the whole
+    pre-activation and a constant mask picks each block's (``Where``). The result is one elementwise region
+    with one source, so the sweep rescales every gate of a step with one factor instead of one per gate.
+    """
+    if clip is not None:
+        pre = em.clip(pre, clip, f"{name}_clip")
+    distinct = list(dict.fromkeys(acts))
+    single = len(distinct) == 1
+    activated = {act: _gate(em, pre, act, None, name if single else f"{name}_{act[0]}") for act in distinct}
+    result = activated[distinct[0]]
+    for act in distinct[1:]:
+        mask = np.repeat(np.array([a == act for a in acts]), hidden)
+        result = em.op("Where", [em.const(mask, f"{name}_mask"), activated[act], result], hint=name)
+    return em.split(result, -1, [hidden] * len(acts), f"{name}_split")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Cells: prep turns one direction's W, R, B, P into (Wᵀ, bias added to X·Wᵀ, other arrays); cell builds a step
 
@@ -123,26 +144,30 @@ def _prep_lstm(w, r, b, p, hidden, node):
 
 
 def _cell_lstm(em, n, xw, state, p):
-    """One LSTM step from ``xw`` = Xt·Wᵀ + b and state (H, C); returns (Ht, Ct)."""
+    """One LSTM step from ``xw`` = Xt·Wᵀ + b and state (H, C); returns (Ht, Ct).
+
+    Without peepholes every gate depends on the pre-activation alone, so all four are activated at once
+    (:func:`_gates`); peepholes add ``P ⊙ C`` per gate (``Ct`` for the output gate), so each gate is its own.
+    """
     h, c = state
     f, g, hact = p.acts
     pre = em.op("Add", [xw, em.op("MatMul", [h, p.R_t], hint=f"{n}h_proj")], hint=f"{n}gates_pre")
-    i_pre, o_pre, f_pre, c_pre = em.split(pre, -1, [p.hidden] * 4, f"{n}gates_split")
-    if p.peephole:
+    if not p.peephole:
+        i, o, fg, cand = _gates(em, pre, [f, f, f, g], p.hidden, p.clip, f"{n}gates")
+    else:
+        i_pre, o_pre, f_pre, c_pre = em.split(pre, -1, [p.hidden] * 4, f"{n}gates_split")
         i_pre = em.op("Add", [i_pre, em.op("Mul", [c, p.P_i], hint=f"{n}input_peephole")], hint=f"{n}input_gate_pre")
         f_pre = em.op("Add", [f_pre, em.op("Mul", [c, p.P_f], hint=f"{n}forget_peephole")], hint=f"{n}forget_gate_pre")
-    i = _gate(em, i_pre, f, p.clip, f"{n}input_gate")
+        i = _gate(em, i_pre, f, p.clip, f"{n}input_gate")
+        fg = None if p.input_forget else _gate(em, f_pre, f, p.clip, f"{n}forget_gate")
+        cand = _gate(em, c_pre, g, p.clip, f"{n}cell_gate")
     if p.input_forget:
         fg = em.op("Sub", [em.const(1.0, "one"), i], hint=f"{n}forget_gate")
-    else:
-        fg = _gate(em, f_pre, f, p.clip, f"{n}forget_gate")
-    cand = _gate(em, c_pre, g, p.clip, f"{n}cell_gate")
     keep = em.op("Mul", [fg, c], hint=f"{n}cell_keep")
     c_new = em.op("Add", [keep, em.op("Mul", [i, cand], hint=f"{n}cell_write")], hint=f"{n}cell")
     if p.peephole:
         peephole = em.op("Mul", [c_new, p.P_o], hint=f"{n}output_peephole")
-        o_pre = em.op("Add", [o_pre, peephole], hint=f"{n}output_gate_pre")
-    o = _gate(em, o_pre, f, p.clip, f"{n}output_gate")
+        o = _gate(em, em.op("Add", [o_pre, peephole], hint=f"{n}output_gate_pre"), f, p.clip, f"{n}output_gate")
     h_new = em.op("Mul", [o, _gate(em, c_new, hact, None, f"{n}cell_act")], hint=f"{n}hidden")
     return h_new, c_new
 
@@ -168,9 +193,7 @@ def _cell_gru(em, n, xw, state, p):
         h_h = em.op("Add", [h_h, p.Rb_h], hint=f"{n}h_proj_bias")
     else:
         h_zr = em.op("MatMul", [h, p.R_zr_t], hint=f"{n}h_proj")
-    z_pre, r_pre = em.split(em.op("Add", [x_zr, h_zr], hint=f"{n}gates_pre"), -1, [hid, hid], f"{n}gates_split")
-    z = _gate(em, z_pre, f, p.clip, f"{n}update_gate")
-    r = _gate(em, r_pre, f, p.clip, f"{n}reset_gate")
+    z, r = _gates(em, em.op("Add", [x_zr, h_zr], hint=f"{n}gates_pre"), [f, f], hid, p.clip, f"{n}gates")
     if p.lbr:
         reset = em.op("Mul", [r, h_h], hint=f"{n}reset")
     else:
