@@ -122,12 +122,12 @@ class DeepExplainer:
         # check, lower
         refuse_unknown_ops(self.proto)
         self.lowered = lower(self.proto, self.background)
+        check_guards(self.lowered.guards, self.background, "background")
         # augment: plan and refuse now; the graph itself is built on first use
         self.layers = [layer] if isinstance(layer, str) else list(layer or [])
         self.tokens = {} if self.layers else token_inputs(self.lowered, self.input_names)
         self.context = [] if self.layers else context_inputs(self.lowered, self.input_names, self.tokens)
         check_context(self.background, self.background, self.context, "background")
-        check_guards(self.lowered.guards, self.background, "background")
         self.explained = self.layers or explained_tensors(self.input_names, self.tokens, self.context)
         self.output_names = select_outputs(self.lowered, self.signature.outputs, outputs)
         self.plan = make_plan(with_context(self.lowered, self.context), self.explained, self.output_names)
@@ -265,8 +265,8 @@ class DeepExplainer:
     def _data(self, X) -> dict[str, np.ndarray]:
         """``X`` as checked feeds: shapes like the background's, the same context, rows the lowering fits."""
         data = feeds(X, self.signature, "data", like=self.background)
-        check_context(data, self.background, self.context, "data")
         check_guards(self.lowered.guards, data, "data")
+        check_context(data, self.background, self.context, "data")
         return data
 
     def _per_name(self, values: dict[str, np.ndarray], data: dict[str, np.ndarray]):

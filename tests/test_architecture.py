@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["onnxshap.errors"],
@@ -143,3 +145,53 @@ def test_converters_install_inside_the_package(tmp_path):
     assert done.stdout.strip() == "ok", done.stderr
     done = _python("import converters, sys; print(converters.__file__)", tmp_path)
     assert str(REPO) not in done.stdout, f"a top-level 'converters' resolves to this project: {done.stdout}"
+
+
+def _stages_visited(action, arrays: list[np.ndarray]) -> list[str]:
+    """The package functions that receive one of ``arrays`` (directly or as a value of a dict argument, following
+    the arrays those dicts hold) while ``action()`` runs, as ``module.function``, up to the first one of the run
+    stage; onnxshap.explainer is left out (it wires the stages)."""
+    tracked = {id(array) for array in arrays}
+    visited: list[str] = []
+
+    def holds(value) -> bool:
+        if isinstance(value, dict):
+            return any(id(item) in tracked for item in value.values())
+        return id(value) in tracked
+
+    def profile(frame, event, _):
+        module = frame.f_globals.get("__name__", "")
+        if event != "call" or not module.startswith("onnxshap.") or module == "onnxshap.explainer":
+            return
+        if visited and _layer(visited[-1].rpartition(".")[0]) == _layer("onnxshap.run"):
+            return
+        arguments = list(frame.f_locals.values())
+        if any(holds(value) for value in arguments):
+            visited.append(f"{module}.{frame.f_code.co_name}")
+            tracked.update(id(item) for value in arguments if isinstance(value, dict) for item in value.values()
+                           if isinstance(item, np.ndarray))
+
+    sys.setprofile(profile)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    return visited
+
+
+def test_the_data_flows_down_the_stages_once():
+    """The background from ``DeepExplainer(...)`` and the data from ``explain(X)`` each go down
+    load → check → lower → augment → run without climbing back to a stage they have left (issue 11)."""
+    import onnxshap
+
+    background = np.load(REPO / "models" / "digits_background.npy")
+    sample = np.load(REPO / "models" / "digits_sample.npy")[:2]
+    made = []
+    paths = {"background": _stages_visited(
+        lambda: made.append(onnxshap.DeepExplainer(REPO / "models" / "digits_cnn.onnx", background)), [background])}
+    paths["data"] = _stages_visited(lambda: made[0].explain(sample), [sample])
+    for what, path in paths.items():
+        layers = [_layer(function.rpartition(".")[0]) for function in path]
+        assert layers and layers[0] == _layer("onnxshap.load") and layers[-1] == _layer("onnxshap.run"), (what, path)
+        climbs = [f"{a} → {b}" for a, b, la, lb in zip(path, path[1:], layers, layers[1:]) if lb < la]
+        assert not climbs, f"the {what} climbs back up: " + ", ".join(climbs)
