@@ -92,12 +92,17 @@ class Runner:
         lowered: the lowered model.
         outputs: names of the explained graph outputs (their features flattened and concatenated).
         providers: ONNX Runtime execution providers.
+
+    Attributes:
+        device: where the augmented runs keep their tensors through IO binding (``"cuda"``), or None for plain
+            ``session.run`` on numpy arrays (CPU): see :func:`runtime.binding_device`.
     """
 
     def __init__(self, lowered: LoweredModel, outputs: list[str], providers: list[str]) -> None:
         self.lowered = lowered
         self.providers = providers
         self.outputs = outputs
+        self.device = runtime.binding_device(providers)
         self._forward = None
         self._augmented = None
 
@@ -142,27 +147,40 @@ class Runner:
         values = [np.zeros((n, *shape, k), np.float32) for shape in augmented.value_shapes]
         done = checkpoint.restore(values, chunks.samples) if checkpoint is not None else set()
         starts = [s for s in range(0, n, chunks.samples) if s not in done]
-        per_samples = -(-k // chunks.outputs) * -(-_rows(background) // chunks.references)
+        m = _rows(background)
+        references = [{augmented.references[name]: self._place(array[r:r + chunks.references])
+                       for name, array in background.items()} for r in range(0, m, chunks.references)]
+        per_samples = -(-k // chunks.outputs) * len(references)
         with _progress_bar(len(starts) * per_samples, progress) as bar:
             for s in starts:
                 stop = min(s + chunks.samples, n)
-                self._explain_samples(augmented, feeds, background, indices, chunks, values, s, stop, bar)
+                self._explain_samples(augmented, feeds, references, indices, chunks, values, s, stop, bar)
                 if checkpoint is not None:
                     checkpoint.save(s, stop, values)
         return values
 
-    def _explain_samples(self, augmented, feeds, background, indices, chunks, values, s, stop, bar) -> None:
-        """Rows ``s:stop`` of every value array, summed over reference chunks (weights ``m_chunk / m``)."""
+    def _place(self, array: np.ndarray):
+        """A feed as the runs take it: the array itself on CPU, an OrtValue on the binding device (copied once)."""
+        return array if self.device is None else runtime.on_device(array, self.device)
+
+    def _run(self, session, names: list[str], feeds: dict) -> list[np.ndarray]:
+        if self.device is None:
+            return runtime.run(session, names, feeds)
+        return runtime.run_bound(session, names, feeds, self.device)
+
+    def _explain_samples(self, augmented, feeds, references, indices, chunks, values, s, stop, bar) -> None:
+        """Rows ``s:stop`` of every value array, summed over the reference chunks ``references`` (their feeds,
+        placed by :meth:`_place`) with weights ``m_chunk / m``."""
         session = self.session(augmented)
-        m, k = _rows(background), indices.shape[1]
-        run_feeds = {augmented.inputs[name]: feeds[name][s:stop] for name in augmented.inputs}
+        k = indices.shape[1]
+        m = sum(_rows(chunk) for chunk in references)
+        run_feeds = {augmented.inputs[name]: self._place(feeds[name][s:stop]) for name in augmented.inputs}
         for o in range(0, k, chunks.outputs):
             run_feeds[augmented.output_index] = indices[s:stop, o:o + chunks.outputs]
-            for r in range(0, m, chunks.references):
-                run_feeds.update({augmented.references[name]: array[r:r + chunks.references]
-                                  for name, array in background.items()})
-                results = runtime.run(session, augmented.values, run_feeds)
-                weight = np.float32(min(chunks.references, m - r) / m)
+            for chunk in references:
+                run_feeds.update(chunk)
+                results = self._run(session, augmented.values, run_feeds)
+                weight = np.float32(_rows(chunk) / m)
                 for store, result in zip(values, results):
                     if weight != 1:
                         result *= weight
@@ -170,8 +188,10 @@ class Runner:
                 bar.update(1)
 
 
-def _rows(arrays: dict[str, np.ndarray]) -> int:
-    return next(iter(arrays.values())).shape[0]
+def _rows(arrays: dict) -> int:
+    """Rows of the first array (numpy or OrtValue) of a feed dictionary."""
+    first = next(iter(arrays.values()))
+    return first.shape[0] if isinstance(first, np.ndarray) else first.shape()[0]
 
 
 class _NoBar:
