@@ -2,8 +2,8 @@
 
 One forward session (the lowered model, explained outputs only) gives predictions and the expected values;
 one augmented session (any n, m, k) gives SHAP values. A run on n samples, m references and k outputs
-needs about ``AugmentedModel.memory(n, m, k)`` bytes; :func:`chunking` picks the chunk sizes — samples
-first, then references, then outputs — so that every call fits ``max_memory``. Values of reference chunks
+needs about ``AugmentedModel.memory(n, m, k)`` bytes; :func:`chunking` picks the chunk sizes — outputs
+split last, samples and references balanced — so that every call fits ``max_memory``. Values of reference chunks
 are averaged with weights ``m_chunk / m`` (the graph returns the mean over its own references), which is exact.
 """
 
@@ -33,8 +33,13 @@ class Chunks:
 
 
 def chunking(augmented: AugmentedModel, n: int, m: int, k: int, budget: int, batch_size: int | None) -> Chunks:
-    """The largest chunks within ``budget`` bytes, split evenly: fewer samples per call first, then fewer
-    references, then fewer outputs (``batch_size`` fixes the samples per call).
+    """Chunks within ``budget`` bytes, split evenly. Outputs are split only when one (sample, reference) pair
+    cannot hold them all (every output chunk repeats the whole run). Samples and references are then split to
+    send the fewest rows through the forward pass: every call runs it on its samples and references, so a run
+    in ``S`` sample chunks and ``R`` reference chunks costs ``R·n + S·m`` rows, least when the chunks are
+    balanced (the pair rows ``n·m·k`` are the same for any split). Measured on the CNN (n = 20, m = 100,
+    k = 10, 2 000 pair rows per call): 14 samples × 14 references take ~160 µs per pair row, 2 × 100 ~250 µs.
+    ``batch_size`` fixes the samples per call; the references are then the most that fit.
 
     Raises:
         UsageError: not even one (sample, reference, output) triple (or ``batch_size`` samples with one
@@ -50,10 +55,28 @@ def chunking(augmented: AugmentedModel, n: int, m: int, k: int, budget: int, bat
             "raise max_memory (--max-memory)"
             + ("" if batch_size is None else " or lower batch_size (--batch-size)"))
     outputs = _largest(lambda o: memory(samples, 1, o), k, budget)
-    references = _largest(lambda r: memory(samples, r, outputs), m, budget)
-    if batch_size is None:
-        samples = _largest(lambda s: memory(s, references, outputs), n, budget)
-    return Chunks(_even(min(samples, n), n), _even(references, m), _even(outputs, k))
+    if batch_size is not None:
+        references = _largest(lambda r: memory(samples, r, outputs), m, budget)
+        return Chunks(_even(min(samples, n), n), _even(references, m), _even(outputs, k))
+    samples, references = _balanced(memory, n, m, outputs, budget)
+    return Chunks(samples, references, _even(outputs, k))
+
+
+def _balanced(memory, n: int, m: int, outputs: int, budget: int) -> tuple[int, int]:
+    """Even sample and reference chunk sizes within ``budget`` with the fewest forward rows over the run,
+    ``R·n + S·m`` for S sample and R reference chunks (then the fewest calls): every number of reference
+    chunks, each with the most samples that fit."""
+    best = None
+    for reference_calls in range(1, max(m, 1) + 1):
+        references = _even(-(-m // reference_calls), m)
+        if -(-m // references) != reference_calls or memory(1, references, outputs) > budget:
+            continue
+        samples = _even(_largest(lambda s: memory(s, references, outputs), max(n, 1), budget), n)
+        sample_calls = -(-n // samples)
+        key = (reference_calls * n + sample_calls * m, sample_calls * reference_calls)
+        if best is None or key < best[0]:
+            best = (key, samples, references)
+    return best[1], best[2]
 
 
 def _size(nbytes: int) -> str:

@@ -15,6 +15,7 @@ import pytest
 
 import onnxshap
 from onnxshap import runtime
+from onnxshap.run import chunking
 from tests import zoo
 
 NAME = "mnist_cnn"
@@ -65,8 +66,10 @@ def test_bound_runs_give_the_plain_runs_values(monkeypatch):
     bound.runner.device = "cpu"
     calls = _counting(monkeypatch)
     values = bound.shap_values(x)
-    reference_chunks = -(-len(background) // 3)
-    assert len(calls) >= len(x) * reference_chunks and set(calls) == {"cpu"}
+    chunks = chunking(bound.augmented, len(x), len(background), 10, budget, None)
+    assert chunks.references < len(background)  # several reference chunks, each placed once and reused
+    expected_calls = -(-len(x) // chunks.samples) * -(-len(background) // chunks.references) * -(-10 // chunks.outputs)
+    assert len(calls) == expected_calls and set(calls) == {"cpu"}
     scale = np.abs(expected).max()
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-6 * scale)
     assert _additivity(bound, x, values) <= 1e-4

@@ -271,24 +271,30 @@ def _calls(total: int, size: int) -> int:
     return -(-total // size)
 
 
-def test_chunks_fit_the_budget_split_samples_first_and_evenly():
+def _forward_rows(n: int, m: int, samples: int, references: int) -> tuple[int, int]:
+    """Rows through the forward pass over a run (each call runs its samples and references), and the calls."""
+    return _calls(m, references) * n + _calls(n, samples) * m, _calls(n, samples) * _calls(m, references)
+
+
+def test_chunks_fit_the_budget_evenly_with_the_fewest_forward_rows():
+    """Every call fits the budget; outputs are split only when one pair cannot hold them all; the sample and
+    reference chunks are even and send the fewest rows through the forward pass of all splits that fit
+    (brute force over every (samples, references) pair)."""
     from onnxshap.run import chunking
 
     costs = _Costs(per_output=400, per_pair=900, per_row=300)
-    n, m, k = 1000, 300, 10
     rng = np.random.default_rng(0)
-    for budget in [costs.memory(n, m, k), *rng.integers(costs.memory(1, 1, 1), costs.memory(n, m, k), 300)]:
-        chunks = chunking(costs, n, m, k, int(budget), None)
-        assert costs.memory(chunks.samples, chunks.references, chunks.outputs) <= budget
-        # samples are split before references, references before outputs
-        assert chunks.references == m or chunks.samples == 1
-        assert chunks.outputs == k or chunks.references == 1
-        # as few calls as the budget allows along the axis being split, and chunks of (nearly) equal size
-        if chunks.samples > 1:
-            fewer = _calls(n, chunks.samples) - 1
-            assert fewer == 0 or costs.memory(-(-n // fewer), m, k) > budget
-        for total, size in ((n, chunks.samples), (m, chunks.references), (k, chunks.outputs)):
-            assert size * _calls(total, size) - total < _calls(total, size)
+    for n, m, k in ((37, 23, 5), (1, 40, 3), (60, 1, 2), (20, 100, 10)):
+        budgets = [costs.memory(n, m, k), *rng.integers(costs.memory(1, 1, 1), costs.memory(n, m, k), 60)]
+        for budget in map(int, budgets):
+            chunks = chunking(costs, n, m, k, budget, None)
+            assert costs.memory(chunks.samples, chunks.references, chunks.outputs) <= budget
+            assert chunks.outputs == k or costs.memory(1, 1, chunks.outputs + 1) > budget
+            for total, size in ((n, chunks.samples), (m, chunks.references), (k, chunks.outputs)):
+                assert size * _calls(total, size) - total < _calls(total, size)  # (nearly) equal chunks
+            fitting = [_forward_rows(n, m, s, r) for s in range(1, n + 1) for r in range(1, m + 1)
+                       if costs.memory(s, r, chunks.outputs) <= budget]
+            assert _forward_rows(n, m, chunks.samples, chunks.references) == min(fitting)
 
 
 def test_a_budget_that_cannot_hold_one_triple_or_the_batch_size_is_one_clear_error():
