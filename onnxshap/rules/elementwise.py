@@ -51,8 +51,13 @@ def rescale_factor(b: Builder, change: ir.Value, delta: ir.Value, slope: ir.Valu
     """
     gap = b.op("Abs", [b.op("Sub", [change, b.op("Mul", [slope, delta])])])
     agrees = b.op("LessOrEqual", [gap, b.op("Mul", [magnitude, b.scalar(ROUNDING)])], hint="slope_agrees")
+    return b.op("Where", [agrees, slope, secant(b, change, delta)], hint="rescale")
+
+
+def secant(b: Builder, change: ir.Value, delta: ir.Value) -> ir.Value:
+    """``change / delta``, and 0 where ``delta`` is 0 (``change`` is 0 there: same input, same output)."""
     safe = b.op("Where", [b.op("Equal", [delta, b.scalar(0.0)]), b.scalar(1.0), delta])
-    return b.op("Where", [agrees, slope, b.op("Div", [change, safe], hint="secant")], hint="rescale")
+    return b.op("Div", [change, safe], hint="secant")
 
 
 # -- derivatives: (builder, node, inputs of one side, output of that side) -> one partial per input ------------
