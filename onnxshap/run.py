@@ -136,7 +136,7 @@ class Runner:
             keep = [o for o in proto.graph.output if o.name in self.outputs]
             del proto.graph.output[:]
             proto.graph.output.extend(keep)
-            self._forward = runtime.make_session(proto, self.providers)
+            self._forward = runtime.make_session(proto, self.providers, mode="forward")
         return self._forward
 
     def predict(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

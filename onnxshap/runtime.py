@@ -5,9 +5,10 @@
   check runs with ONNX Runtime's logging silenced so CPU-only machines see no error spew.
 - :func:`to_proto` serializes a model with an IR version the installed runtime reads.
 - :func:`make_session` builds a session (from files with external data when the model is over protobuf's 2 GB
-  limit, :mod:`onnxshap.files.model_files`) in one of two modes: ``"explain"`` (the thread pool, and the graph
-  optimisation :func:`graph_optimization` picks for the graph) for the work, ``"probe"`` (no optimisation, one
-  thread) for small probing runs where session set-up dominates.
+  limit, :mod:`onnxshap.files.model_files`) in one of three modes: ``"explain"`` (the thread pool, and the graph
+  optimisation :func:`graph_optimization` picks for the graph) for the work, ``"forward"`` (the same without
+  ONNX Runtime's memory arena, for the occasional forward passes) and ``"probe"`` (no optimisation, one thread)
+  for small probing runs where session set-up dominates.
 - :func:`run` and :func:`evaluate` run sessions; every failure becomes one :class:`OnnxRuntimeError` line.
   :func:`run_bound` runs through IO binding on a device (CUDA): inputs placed once with :func:`on_device`,
   intermediate tensors kept there, only the outputs copied back; :func:`binding_device` says when to use it.
@@ -101,7 +102,7 @@ def graph_optimization(model: ir.Model | onnx.ModelProto | bytes) -> str:
 def _options(mode: str, optimization: str = "all"):
     ort = _ort()
     options = ort.SessionOptions()
-    if mode == "explain":
+    if mode in ("explain", "forward"):
         options.log_severity_level = 4  # failures come back as exceptions, worded by the caller; no log lines
         levels = ort.GraphOptimizationLevel
         options.graph_optimization_level = {
@@ -112,6 +113,8 @@ def _options(mode: str, optimization: str = "all"):
         # Memory patterns pre-allocate one block per input shape beside the arena's freed chunks: measured, they
         # doubled the peak and cost time whenever chunk sizes change (the last chunk of each kind does).
         options.enable_mem_pattern = False
+        if mode == "forward":  # its activations go back to the system after each call, not into an arena kept
+            options.enable_cpu_mem_arena = False  # for the explainer's life (ResNet-18, 50 rows: 590 MB)
         threads = int(os.environ.get("ONNXSHAP_THREADS", "0"))
         if threads:
             options.intra_op_num_threads = threads
