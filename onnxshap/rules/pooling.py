@@ -146,6 +146,15 @@ def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir
     return ctx.scale(spread(multiplier), factor, a)
 
 
+def column_elements(ctx: PairContext, node: ir.Node) -> int:
+    """Elements per pair row of the window columns (C·K·out) a MaxPool with overlapping windows routes through:
+    K times its output, more than its input when the windows overlap (3×3 stride 2: 2.25×); 0 when tiled."""
+    window = _window_geometry(ctx, node)
+    if window.strides == window.kernel and all(d == 1 for d in window.dilations) and not any(window.pads):
+        return 0
+    return ctx.shape(node.inputs[0])[1] * int(np.prod(window.kernel)) * int(np.prod(ctx.shape(node.outputs[0])[2:]))
+
+
 def _overlapping_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir.Value:
     """General windows: im2col by a depthwise identity Conv, col2im by the matching ConvTranspose."""
     e = ctx.build
