@@ -30,6 +30,7 @@ import onnx_ir as ir
 from onnxshap.graph.edit import op_attr
 from onnxshap.graph.windows import window_of
 from onnxshap.pairs import PairContext
+from onnxshap.rules.elementwise import nonzero
 from onnxshap.rules.linear import reduce_axes, reduce_check
 from onnxshap.rules.table import Family, rule
 
@@ -46,10 +47,7 @@ def _cross_weights(ctx: PairContext, z: ir.Value, minimum: bool):
 
 def _per_delta(ctx: PairContext, routed: ir.Value, a: ir.Value) -> ir.Value:
     """``routed / Δa`` per pair, expanded; 0 where ``Δa`` is exactly 0 (the routed amount is exactly 0 there)."""
-    e = ctx.build
-    delta = ctx.pair_delta(a)
-    safe = e.op("Where", [e.op("Equal", [delta, e.scalar(0.0)]), e.scalar(1.0), delta], hint="safe_delta")
-    return e.op("Div", [routed, safe], hint="per_delta")
+    return ctx.build.op("Div", [routed, nonzero(ctx.build, ctx.pair_delta(a))], hint="per_delta")
 
 
 def _plain_batch(ctx: PairContext, node: ir.Node) -> str | None:
