@@ -88,6 +88,35 @@ def _resnet18():
     return model.eval()
 
 
+def hook_safe(model):
+    """The same function for shap's and Captum's module hooks: torchvision's blocks reuse one in-place ReLU and
+    add the shortcut in place (``out += identity``), which shap's PyTorch DeepExplainer refuses ("a view ...
+    modified inplace") and which would make DeepLift's per-module hooks see one ReLU twice. Each BasicBlock
+    gets two ReLUs and an out-of-place add; every ReLU is made out-of-place. The weights are shared."""
+    import copy
+    import types
+
+    from torch import nn
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from arch_zoo import BasicBlock
+
+    def forward(block, x):
+        out = block.relu_inner(block.bn1(block.conv1(x)))
+        out = block.bn2(block.conv2(out))
+        identity = x if block.downsample is None else block.downsample(x)
+        return block.relu_outer(out + identity)
+
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+        if isinstance(module, BasicBlock):
+            module.relu_inner, module.relu_outer = nn.ReLU(), nn.ReLU()
+            module.forward = types.MethodType(forward, module)
+    return twin.eval()
+
+
 def _keras_bilstm():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras

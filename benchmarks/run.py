@@ -45,7 +45,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
 sys.path.insert(0, str(BENCHMARKS))
 
-from models import KERAS_MODELS, RECURRENT, build_model, keras_twin_weights, make_data, predict  # noqa: E402
+from models import KERAS_MODELS, RECURRENT, build_model, hook_safe, keras_twin_weights, make_data, predict  # noqa: E402
 
 TOOLS = ("onnxshap", "onnxshap-cached", "captum", "shap", "shap-keras", "floor")
 MODELS = ("mlp", "cnn", "runoff_lstm", "stacked_lstm", "keras_bilstm")
@@ -92,7 +92,13 @@ def run_onnxshap(model, x, background, repeats, ranked=None):
             "indices": indices, "export": sum(exported), "nodes": len(explainer.augmented.model.graph)}
 
 
-def run_captum(module, x, background, repeats, ranked=None):
+CAPTUM_PAIR_ROWS = {"resnet18": 50}  # (sample, reference) rows per Captum call where all of them exceed RAM
+DEFAULT_CAPTUM_PAIR_ROWS = 2_000  # CNN: 2 000 rows took 4.7 GB; all 10 000 of n = 100 were killed (23 GB RAM)
+
+
+def run_captum(module, x, background, repeats, ranked=None, model_name=""):
+    """DeepLiftShap, one call per output and per chunk of samples (all references each: Captum expands every
+    sample over the m baselines, so a call holds n_chunk·m rows of activations)."""
     import torch
     from captum.attr import DeepLiftShap
 
@@ -102,9 +108,12 @@ def run_captum(module, x, background, repeats, ranked=None):
     with torch.no_grad():
         outputs = module(inputs)
     targets = outputs.argmax(1, keepdim=True) if ranked else torch.arange(outputs.shape[1]).repeat(len(x), 1)
+    rows = max(1, CAPTUM_PAIR_ROWS.get(model_name, DEFAULT_CAPTUM_PAIR_ROWS) // len(background))
     set_up = time.perf_counter()
-    values = np.stack([explainer.attribute(inputs, baselines=baselines, target=targets[:, j]).detach().numpy()
-                       for j in range(targets.shape[1])], axis=-1)
+    values = np.concatenate([np.stack([explainer.attribute(inputs[s:s + rows], baselines=baselines,
+                                                           target=targets[s:s + rows, j]).detach().numpy()
+                                       for j in range(targets.shape[1])], axis=-1)
+                             for s in range(0, len(x), rows)])
     end = time.perf_counter()
     return {"cold": end - start, "warm": end - set_up, "values": values, "indices": targets.numpy()}
 
@@ -189,7 +198,10 @@ def worker(tool: str, model_name: str, n: int, m: int, repeats: int, ranked: int
     model = build_model(model_name)
     x, background = make_data(model_name, n, m)
     predictions, expected = predict(model, x), predict(model, background).mean(axis=0)
-    result = RUNNERS[tool](model, x, background, repeats, ranked)
+    if tool in ("shap", "captum") and model_name == "resnet18":
+        model = hook_safe(model)
+    extra = {"model_name": model_name} if tool == "captum" else {}
+    result = RUNNERS[tool](model, x, background, repeats, ranked, **extra)
     values = result.pop("values")
     indices = result.pop("indices", None)
     if values is not None:

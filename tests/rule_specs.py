@@ -723,6 +723,14 @@ FUSION: list[Spec] = [
 # -- max-type: cross-max rule -------------------------------------------------------------------------
 
 
+def _squashed_pool_conv(g: Graph) -> str:
+    """``Conv(MaxPool(tanh(x/2)))`` with tiling windows: the pool's multiplier is copied to its windows (Resize)
+    and kept lazy through the tanh's rescale (tanh is monotonic: distinct inputs keep distinct window values)."""
+    squashed = g("Tanh", g("Mul", g.input("x", 2, 6, 4), g.const(0.5)))
+    pooled = g("MaxPool", squashed, kernel_shape=[2, 2], strides=[2, 2])
+    return g("Conv", pooled, g.weight(3, 2, 2, 2, scale=0.5), g.weight(3), pads=[1, 0, 0, 1])
+
+
 MAX_TYPE: list[Spec] = [
     Spec("maxpool2d_k3_s2_p1", unary("MaxPool", (2, 5, 5), kernel_shape=[3, 3], strides=[2, 2],
                                      pads=[1, 1, 1, 1]), distinct),
@@ -731,6 +739,9 @@ MAX_TYPE: list[Spec] = [
     Spec("maxpool2d_tiled_floor_crop", unary("MaxPool", (2, 5, 7), kernel_shape=[2, 3], strides=[2, 3]),
          distinct),
     Spec("maxpool1d_tiled", unary("MaxPool", (3, 8), kernel_shape=[4], strides=[4]), distinct),
+    Spec("maxpool2d_tiled_k3x2", unary("MaxPool", (2, 6, 4), kernel_shape=[3, 2], strides=[3, 2]), distinct),
+    Spec("maxpool3d_tiled", unary("MaxPool", (2, 4, 2, 4), kernel_shape=[2, 2, 2], strides=[2, 2, 2]), distinct),
+    Spec("maxpool_tiled_lazy_through_tanh", _squashed_pool_conv, distinct),
     Spec("maxpool2d_ceil_mode", unary("MaxPool", (2, 6, 6), kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
          distinct),
     Spec("maxpool2d_dilations", unary("MaxPool", (1, 6, 7), kernel_shape=[2, 3], dilations=[2, 2],

@@ -211,6 +211,43 @@ def test_the_estimate_bounds_onnx_runtimes_peak_for_each_call_shape():
         assert peak - before <= estimate
 
 
+OVERLAPPING_POOL = """
+import resource, sys, numpy as np, onnx, onnx.helper as oh, onnxshap
+from onnx import numpy_helper
+from onnxshap import runtime
+rng = np.random.default_rng(0)
+weights = [numpy_helper.from_array(rng.normal(size=(16, 1, 3, 3)).astype(np.float32), "w"),
+           numpy_helper.from_array(rng.normal(size=(10, 16 * 6 * 6)).astype(np.float32) * 0.01, "d")]
+nodes = [oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["c"], ["a"]),
+         oh.make_node("MaxPool", ["a"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+         oh.make_node("Flatten", ["p"], ["f"]), oh.make_node("Gemm", ["f", "d"], ["y"], transB=1)]
+graph = oh.make_graph(nodes, "pool", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 12, 12])],
+                      [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])], weights)
+model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+model.ir_version = 9
+n, m = 40, 200
+ex = onnxshap.DeepExplainer(model, rng.random((m, 1, 12, 12), dtype=np.float32), device="cpu", cache=False)
+aug = ex.augmented
+session = ex.runner.session(aug)
+feeds = {aug.inputs["x"]: rng.random((n, 1, 12, 12), dtype=np.float32),
+         aug.references["x"]: ex.background["x"], aug.output_index: np.zeros((n, 1), np.int64)}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+for _ in range(2):
+    runtime.run(session, aug.values, feeds)
+print(before, aug.memory(n, m, 1))
+"""
+
+
+def test_the_estimate_counts_the_window_columns_of_an_overlapping_max_pool():
+    """A 3×3 stride-2 max-pool routes through window columns of 9 × its output per pair row (2.25 × its input,
+    the largest forward tensor): the estimate of a call on one output still bounds ONNX Runtime's peak."""
+    peak, out, err, code = _peak_rss([sys.executable, "-c", OVERLAPPING_POOL], timeout=300)
+    assert code == 0, err
+    before, estimate = map(int, out.split())
+    print(f"ONNX Runtime {(peak - before) / MB:.0f} MB, estimate {estimate / MB:.0f} MB")
+    assert peak - before <= estimate
+
+
 MILLION = """
 import numpy as np, sys
 from tests.scale_models import mlp
@@ -271,24 +308,30 @@ def _calls(total: int, size: int) -> int:
     return -(-total // size)
 
 
-def test_chunks_fit_the_budget_split_samples_first_and_evenly():
+def _forward_rows(n: int, m: int, samples: int, references: int) -> tuple[int, int]:
+    """Rows through the forward pass over a run (each call runs its samples and references), and the calls."""
+    return _calls(m, references) * n + _calls(n, samples) * m, _calls(n, samples) * _calls(m, references)
+
+
+def test_chunks_fit_the_budget_evenly_with_the_fewest_forward_rows():
+    """Every call fits the budget; outputs are split only when one pair cannot hold them all; the sample and
+    reference chunks are even and send the fewest rows through the forward pass of all splits that fit
+    (brute force over every (samples, references) pair)."""
     from onnxshap.run import chunking
 
     costs = _Costs(per_output=400, per_pair=900, per_row=300)
-    n, m, k = 1000, 300, 10
     rng = np.random.default_rng(0)
-    for budget in [costs.memory(n, m, k), *rng.integers(costs.memory(1, 1, 1), costs.memory(n, m, k), 300)]:
-        chunks = chunking(costs, n, m, k, int(budget), None)
-        assert costs.memory(chunks.samples, chunks.references, chunks.outputs) <= budget
-        # samples are split before references, references before outputs
-        assert chunks.references == m or chunks.samples == 1
-        assert chunks.outputs == k or chunks.references == 1
-        # as few calls as the budget allows along the axis being split, and chunks of (nearly) equal size
-        if chunks.samples > 1:
-            fewer = _calls(n, chunks.samples) - 1
-            assert fewer == 0 or costs.memory(-(-n // fewer), m, k) > budget
-        for total, size in ((n, chunks.samples), (m, chunks.references), (k, chunks.outputs)):
-            assert size * _calls(total, size) - total < _calls(total, size)
+    for n, m, k in ((37, 23, 5), (1, 40, 3), (60, 1, 2), (20, 100, 10)):
+        budgets = [costs.memory(n, m, k), *rng.integers(costs.memory(1, 1, 1), costs.memory(n, m, k), 60)]
+        for budget in map(int, budgets):
+            chunks = chunking(costs, n, m, k, budget, None)
+            assert costs.memory(chunks.samples, chunks.references, chunks.outputs) <= budget
+            assert chunks.outputs == k or costs.memory(1, 1, chunks.outputs + 1) > budget
+            for total, size in ((n, chunks.samples), (m, chunks.references), (k, chunks.outputs)):
+                assert size * _calls(total, size) - total < _calls(total, size)  # (nearly) equal chunks
+            fitting = [_forward_rows(n, m, s, r) for s in range(1, n + 1) for r in range(1, m + 1)
+                       if costs.memory(s, r, chunks.outputs) <= budget]
+            assert _forward_rows(n, m, chunks.samples, chunks.references) == min(fitting)
 
 
 def test_a_budget_that_cannot_hold_one_triple_or_the_batch_size_is_one_clear_error():

@@ -250,6 +250,30 @@ def test_pool_net_values_scale_with_the_units(s):
 
 
 @pytest.mark.parametrize("s", SCALES)
+def test_relu_secant_is_exact_at_any_scale_and_gap(s):
+    """A lone ReLU takes its float32 secant without the slope test (no LessOrEqual in the graph): both sides
+    positive, φ = x − r exactly (the secant is exactly 1, also for gaps of 1e-7 of the values); both negative,
+    φ = 0 exactly; one of each, φ = relu(x) − relu(r) to float32 rounding of the values (2 ulp)."""
+    rng = np.random.default_rng(int(s) + 10)
+    features = 12
+    r = np.abs(rng.normal(size=(1, features))) + 0.5
+    r[:, 4:8] *= -1
+    gaps = 10.0 ** rng.uniform(-7, 0, size=(1, features))
+    x = r * (1 + gaps * rng.choice([-1, 1], size=(1, features)))
+    x[:, 8:] = -r[:, 8:] * rng.uniform(0.5, 2, size=(1, 4))  # mixed signs
+    x, r = (x * 10.0 ** s).astype(np.float32), (r * 10.0 ** s).astype(np.float32)
+    model = make_model([oh.make_node("Relu", ["x"], ["y"])], [("x", (features,))], [("y", (features,))])
+    explainer = onnxshap.DeepExplainer(model, r)
+    assert not any(node.op_type == "LessOrEqual" for node in explainer.augmented.model.graph)
+    phi = np.diagonal(explainer.shap_values(x)[0]).astype(np.float64)  # feature j on output j
+    x64, r64 = x[0].astype(np.float64), r[0].astype(np.float64)
+    exact = np.maximum(x64, 0) - np.maximum(r64, 0)
+    assert np.array_equal(phi[:4], x64[:4] - r64[:4]) and np.array_equal(phi[4:8], np.zeros(4))
+    ulp = np.spacing(np.maximum(np.abs(x64[8:]), np.abs(r64[8:])).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(phi[8:] - exact[8:]) <= 2 * ulp), (phi[8:], exact[8:])
+
+
+@pytest.mark.parametrize("s", SCALES)
 def test_lstm_values_scale_with_the_units(s):
     """Inputs × 10^s, the LSTM input weights × 10^-s (the gates see the same values), the head × 10^s."""
     model, w_name, head_params, x, r, base = lstm_net()

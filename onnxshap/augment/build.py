@@ -32,6 +32,7 @@ from onnxshap.graph.builder import Builder, collection_paused
 from onnxshap.graph.edit import all_names, remove_dead_nodes
 from onnxshap.lower.lowered import LoweredModel
 from onnxshap.pairs import Multiplier, PairContext, PairSizes
+from onnxshap.rules.pooling import column_elements
 from onnxshap.rules.softmax import factor_bytes_per_pair
 
 PEAK_TENSORS_PER_OUTPUT = 4  # live pair-sized float32 tensors per explained output (measured: 2.6-3.3)
@@ -132,15 +133,18 @@ def _memory_model(ctx: PairContext, found) -> dict[str, int]:
     """Bytes per (pair, output), per pair and per stacked row of one run (:meth:`AugmentedModel.memory`).
 
     Measured with ONNX Runtime 1.31 (README, "Speed and memory"): the peak is a few live float32 tensors of the
-    largest pair-sized tensor per explained output and per pair, the softmax rule's float64 factors, and every
+    largest pair-sized tensor (a forward tensor, or the window columns of an overlapping max-pool) per explained
+    output and per pair, the softmax rule's float64 factors, and every
     forward activation of the n + m stacked rows (the backward reads them all).
     """
     sizes = [int(np.prod(ctx.lowered.feature_shape(n), dtype=np.int64)) for n in found.variable
              if isinstance(ctx.lowered.batch_axes.get(n), int)]
+    columns = [column_elements(ctx, n) for n in found.nodes if n.op_type == "MaxPool"]  # pair-sized, K × output
     softmax_factors = max((factor_bytes_per_pair(ctx, n) for n in found.nodes
                            if n.op_type in ("Softmax", "LogSoftmax")), default=0)
-    return {"bytes_per_output": 4 * PEAK_TENSORS_PER_OUTPUT * max(sizes),
-            "bytes_per_pair": 4 * PEAK_TENSORS_PER_PAIR * max(sizes) + softmax_factors,
+    largest = max(sizes + columns)
+    return {"bytes_per_output": 4 * PEAK_TENSORS_PER_OUTPUT * largest,
+            "bytes_per_pair": 4 * PEAK_TENSORS_PER_PAIR * largest + softmax_factors,
             "bytes_per_row": 4 * sum(sizes)}
 
 

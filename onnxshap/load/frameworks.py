@@ -12,6 +12,14 @@ from onnxshap.errors import ModelLoadError
 from onnxshap.load.data import first_array
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+EXPORT_CHECK_ROWS = 8  # background rows the export is traced on and checked against the framework with
+
+
+def export_rows(background):
+    """The first :data:`EXPORT_CHECK_ROWS` rows of the background's first array: enough to trace the model and
+    check the export (the converters also check one more row, the dynamic batch), and the export's cost does not
+    grow with the background (ResNet-18 at 224² with 50 rows: 11.9 s and ~1 GB of traced activations)."""
+    return first_array(background)[:EXPORT_CHECK_ROWS]
 
 
 def is_keras_path(model) -> bool:
@@ -32,7 +40,7 @@ def is_onnx_source(model) -> bool:
 
 def framework_to_onnx(model, background) -> onnx.ModelProto:
     """Export a torch module, a Keras model, or a Keras file / SavedModel folder with ``onnxshap.converters``
-    (the export is checked numerically against the framework on the background rows).
+    (the export is checked numerically against the framework on the first background rows, :func:`export_rows`).
 
     Raises:
         ModelLoadError: a Keras path that does not exist, or an object that is no model onnxshap knows.
@@ -43,17 +51,17 @@ def framework_to_onnx(model, background) -> onnx.ModelProto:
             raise ModelLoadError(f"no such Keras model file or SavedModel folder: {model}")
         from onnxshap.converters import export_keras
 
-        return export_keras(model, first_array(background))
+        return export_keras(model, export_rows(background))
     module = type(model).__module__ or ""
     if module.startswith("torch") or hasattr(model, "state_dict") and hasattr(model, "forward"):
         from onnxshap.converters import export_torch
 
-        return export_torch(model, first_array(background))
+        return export_torch(model, export_rows(background))
     if module.startswith(("keras", "tf_keras", "tensorflow")) or hasattr(model, "layers") and hasattr(
             model, "predict"):
         from onnxshap.converters import export_keras
 
-        return export_keras(model, first_array(background))
+        return export_keras(model, export_rows(background))
     raise ModelLoadError(f"cannot explain a {type(model).__name__}: pass an ONNX model (path, bytes, "
                          "ModelProto), a torch.nn.Module, a Keras model, or the path of a .keras/.h5 file or "
                          "SavedModel folder")

@@ -51,8 +51,18 @@ def rescale_factor(b: Builder, change: ir.Value, delta: ir.Value, slope: ir.Valu
     """
     gap = b.op("Abs", [b.op("Sub", [change, b.op("Mul", [slope, delta])])])
     agrees = b.op("LessOrEqual", [gap, b.op("Mul", [magnitude, b.scalar(ROUNDING)])], hint="slope_agrees")
-    safe = b.op("Where", [b.op("Equal", [delta, b.scalar(0.0)]), b.scalar(1.0), delta])
-    return b.op("Where", [agrees, slope, b.op("Div", [change, safe], hint="secant")], hint="rescale")
+    return b.op("Where", [agrees, slope, secant(b, change, delta)], hint="rescale")
+
+
+def secant(b: Builder, change: ir.Value, delta: ir.Value) -> ir.Value:
+    """``change / delta``, and 0 where ``delta`` is 0 (``change`` is 0 there: same input, same output)."""
+    return b.op("Div", [change, nonzero(b, delta)], hint="secant")
+
+
+def nonzero(b: Builder, delta: ir.Value) -> ir.Value:
+    """``delta`` with its exact zeros replaced by 1, as ``delta + (delta == 0)``: the same numbers as a Where,
+    which ONNX Runtime runs ~1.5× slower (6.8 against 10.1 ms with the Div after it, 6.8 M elements)."""
+    return b.op("Add", [delta, b.cast(b.op("Equal", [delta, b.scalar(0.0)]), ir.DataType.FLOAT)], hint="safe_delta")
 
 
 # -- derivatives: (builder, node, inputs of one side, output of that side) -> one partial per input ------------
