@@ -74,7 +74,8 @@ class DeepExplainer:
         device: ``"auto"`` (CUDA when it really loads), ``"cpu"`` or ``"cuda"``.
         batch_size: samples per ONNX Runtime call (default: as many as fit ``max_memory``).
         max_memory: memory budget in bytes for one ONNX Runtime call (default: a quarter of the physical RAM,
-            at most 1 GiB); the runner splits samples, then references, then outputs to stay inside it.
+            at most 1 GiB); the runner splits samples and references (balanced: the fewest forward rows), and
+            outputs only where one pair cannot hold them all, to stay inside it.
         feature_names: names of the last axis of the (single) explained input; DataFrame columns by default.
         cache: keep the augmented graph (and the export of a Keras model made of Keras layers) in the user cache
             folder, so that the next process with the same model and background shapes skips building it

@@ -50,7 +50,8 @@ files: inputs must be regular files (no devices, FIFOs, sockets); .npy/.npz head
   together at the end, each through .NAME.onnxshap-partial-PID in its folder: no output unless all succeed.
   A partial file left by a SIGKILL is never the output; delete it. --save-graph writes the graph without the
   background; weights over protobuf's 2 GB go to FILE.onnx.data beside it.
-memory: --max-memory bounds each ONNX Runtime call; samples, then references, then outputs are split to fit.
+memory: --max-memory bounds each ONNX Runtime call; samples and references are split to fit (balanced), outputs
+  only where one pair cannot hold them all.
 resume: with --resume, completed chunks are kept in .<output>.onnxshap-resume-<fingerprint>/ beside the output
   (keyed by the model, the data and the options) and a rerun with --resume continues from them; the folder is
   removed when the output is written.
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, metavar="N", help="rows per ONNX Runtime call")
     parser.add_argument("--max-memory", type=memory_size, metavar="SIZE",
                         help="memory budget per ONNX Runtime call: bytes or 512M, 2G (default: a quarter of the RAM, "
-                             "at most 1G); samples, then references, then outputs are split to fit")
+                             "at most 1G); samples and references are split to fit, outputs last")
     parser.add_argument("--resume", action="store_true",
                         help="keep checkpoints of completed chunks beside the output and resume from them")
     parser.add_argument("--save-graph", metavar="FILE.onnx",
