@@ -217,9 +217,14 @@ def run(session, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[
     try:
         return session.run(names, feeds)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = first_line(exc)
-        hint = " (out of memory? pass a smaller batch_size / --batch-size)" if "alloc" in first.lower() else ""
-        raise OnnxRuntimeError(f"ONNX Runtime failed: {first}{hint}") from None
+        raise _run_failed(exc) from None
+
+
+def _run_failed(exc: Exception) -> OnnxRuntimeError:
+    """A failed run as one line, with a hint where ONNX Runtime could not allocate."""
+    first = first_line(exc)
+    hint = " (out of memory? pass a smaller batch_size / --batch-size)" if "alloc" in first.lower() else ""
+    return OnnxRuntimeError(f"ONNX Runtime failed: {first}{hint}")
 
 
 def binding_device(providers: list[str]) -> str | None:
@@ -257,9 +262,7 @@ def run_bound(session, names: list[str], feeds: dict, device: str) -> list[np.nd
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = first_line(exc)
-        hint = " (out of memory? pass a smaller batch_size / --batch-size)" if "alloc" in first.lower() else ""
-        raise OnnxRuntimeError(f"ONNX Runtime failed: {first}{hint}") from None
+        raise _run_failed(exc) from None
 
 
 def evaluate(model: ir.Model | onnx.ModelProto, feeds: dict[str, np.ndarray],
