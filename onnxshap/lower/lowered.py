@@ -45,12 +45,6 @@ class LoweredModel:
         """``(outer, inner)`` of the batch axis: ``(1, 1)`` for a plain one."""
         return self.batch_split.get(name, (1, 1))
 
-    def size_per_row(self, name: str) -> int:
-        """Elements per batch row (for memory estimates)."""
-        shape, axis = self.shapes[name], self.batch_axes[name]
-        outer, inner = self.split(name)
-        return int(np.prod([d for i, d in enumerate(shape) if i != axis], dtype=np.int64)) * outer * inner
-
     def output_size(self, name: str) -> int:
         """Number of output values per row of tensor ``name``."""
         return int(np.prod(self.feature_shape(name), dtype=np.int64))
