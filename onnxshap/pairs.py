@@ -256,11 +256,29 @@ class PairContext:
             self._cache[("mean", out.name)] = piece
         return True
 
-    def pair_average(self, x_side: ir.Value, r_side: ir.Value, like: ir.Value) -> ir.Value:
-        """``(x_side + r_side) / 2`` per pair, for tensors computed separately on the sample side (n rows)
-        and the reference side (m rows) in ``like``'s layout: the end-point average of a slope."""
-        total = self.build.op("Add", [self.as_pairs(x_side, like, "x"), self.as_pairs(r_side, like, "r")])
-        return self.build.op("Mul", [total, self.build.scalar(0.5)], hint="pair_average")
+    def pair_average(self, x_side: ir.Value, r_side: ir.Value, like: ir.Value, finite: bool = False) -> ir.Value:
+        """``(x_side + r_side) / 2`` per pair, for slopes computed separately on the sample side (n rows) and
+        the reference side (m rows) in ``like``'s layout: the end-point average of a slope, always finite.
+
+        Each side is halved before the sides meet (n + m rows, not n·m: the pair-sized work is one Add), and,
+        unless the caller knows the sides are ``finite``, its non-finite entries (``√`` or ``log`` at 0) are set
+        to 0. A slope is only ever used where it predicts the pair's change to within rounding
+        (:func:`onnxshap.rules.elementwise.rescale_factor`), so a replaced entry cannot make a value wrong; a
+        finite slope is what lets that rule skip guarding ``Δs = 0``.
+        """
+        halves = [self._half(side, finite) for side in (x_side, r_side)]
+        return self.build.op("Add", [self.as_pairs(halves[0], like, "x"), self.as_pairs(halves[1], like, "r")],
+                             hint="pair_average")
+
+    def _half(self, value: ir.Value, finite: bool) -> ir.Value:
+        """``value / 2``, and 0 where not finite unless ``finite`` (``v − v`` is 0 exactly for finite ``v``,
+        NaN for ±inf and NaN)."""
+        b = self.build
+        half = b.op("Mul", [value, b.scalar(0.5)])
+        if finite:
+            return half
+        is_finite = b.op("Equal", [b.op("Sub", [half, half]), b.scalar(0.0)])
+        return b.op("Where", [is_finite, half, b.scalar(0.0)])
 
     def pair_constant(self, value: ir.Value, like: ir.Value | None = None) -> ir.Value:
         """A batch-independent tensor reshaped to broadcast against expanded tensors shaped like ``like``.

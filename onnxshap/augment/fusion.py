@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxshap.graph.edit import is_default_domain
 from onnxshap.pairs import Multiplier, PairContext
-from onnxshap.rules.elementwise import rescale_factor, secant
+from onnxshap.rules.elementwise import FINITE_SLOPES, rescale_factor, secant
 from onnxshap.rules.table import OpRule
 
 _ONE = object()  # the tangent of the source itself
@@ -93,7 +93,8 @@ class Fusion:
         if not self._depends_on_data(tangent):  # a constant slope (a region of linear ops): in out's layout
             tangent = b.op("Expand", [tangent, b.op("Shape", [out])])
         x_side, r_side = self.ctx.split_rows(tangent, like=out)
-        return self.ctx.pair_average(x_side, r_side, out)
+        finite = all(v.producer().op_type in FINITE_SLOPES for v in self._region_order(out, source))
+        return self.ctx.pair_average(x_side, r_side, out, finite=finite)
 
     def _tangent(self, value: ir.Value, source: ir.Value) -> ir.Value | None:
         """d value / d source on the stacked rows (None: zero), by forward mode through the region in

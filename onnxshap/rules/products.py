@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshap.pairs import PairContext
-from onnxshap.rules.elementwise import d_div, d_first_extreme, d_mul, d_pow, rescale_factor
+from onnxshap.rules.elementwise import FINITE_SLOPES, d_div, d_first_extreme, d_mul, d_pow, rescale_factor
 from onnxshap.rules.linear import matmul_linear, scale_by_constant
 from onnxshap.rules.table import Derivative, Family, rule, shapley
 
@@ -131,7 +131,8 @@ def four_corners(derivative: Derivative):
         magnitude = e.op("Mul", [e.op("Sum", [e.op("Abs", [v]) for v in (g_xr, g_rx, z_x, z_r)]), half])
         result: list = [None] * len(node.inputs)
         for index, player, dz in ((ia, a, dz_a), (ib, b, dz_b)):
-            slope = ctx.pair_average(slopes["x"][index], slopes["r"][index], z)
+            slope = ctx.pair_average(slopes["x"][index], slopes["r"][index], z,
+                                     finite=node.op_type in FINITE_SLOPES)
             factor = rescale_factor(e, dz, ctx.pair_delta(player), slope, magnitude)
             result[index] = ctx.scale(outs[0], factor, z)
         return result
