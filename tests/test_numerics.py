@@ -273,6 +273,32 @@ def test_relu_secant_is_exact_at_any_scale_and_gap(s):
     assert np.all(np.abs(phi[8:] - exact[8:]) <= 2 * ulp), (phi[8:], exact[8:])
 
 
+@pytest.mark.parametrize("op", ["Sqrt", "Tanh", "Sigmoid", "Softplus", "Reciprocal"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rescale_where_some_features_equal_the_reference(op, seed):
+    """A rescale takes the slope where Δs = 0 and divides unguarded elsewhere: features equal to the reference
+    (Sqrt also at its pole 0, on one side or both) get exactly 0, never NaN, and every row adds up. The region
+    is the op followed by a weighted sum, so each feature's value is its own rescaled change times its weight."""
+    rng = np.random.default_rng(seed)
+    features = 12
+    weight = rng.normal(size=(features, 1)).astype(np.float32)
+    r = np.abs(rng.normal(size=(1, features))).astype(np.float32) + 0.5
+    x = np.repeat(r, 6, axis=0)
+    x[:, 6:] += np.abs(rng.normal(size=(6, 6))).astype(np.float32) * 10.0 ** rng.uniform(-6, 0, size=(6, 6))
+    if op == "Sqrt":  # the pole: 0 on both sides (Δs = 0), and 0 on one side only
+        r[0, :2] = 0
+        x[:, :2] = 0
+        x[:3, 6] = 0
+    model = make_model([oh.make_node(op, ["x"], ["y"]), oh.make_node("MatMul", ["y", "w"], ["out"])],
+                       [("x", (features,))], [("out", (1,))], [numpy_helper.from_array(weight, "w")])
+    values = np.asarray(onnxshap.DeepExplainer(model, r).shap_values(x), np.float64)
+    assert np.isfinite(values).all()
+    assert np.array_equal(values[:, :6], np.zeros((6, 6))), values[:, :6]
+    change = run(model, x)[:, 0] - run(model, r)[0, 0]
+    scale = np.abs(weight).sum() * max(1.0, float(np.abs(run(model, x)).max()))
+    assert np.abs(values.sum(axis=1) - change).max() <= 1e-6 * scale
+
+
 @pytest.mark.parametrize("s", SCALES)
 def test_lstm_values_scale_with_the_units(s):
     """Inputs × 10^s, the LSTM input weights × 10^-s (the gates see the same values), the head × 10^s."""
