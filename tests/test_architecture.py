@@ -3,7 +3,7 @@
 Layers, lowest first; a module may import only from its own layer or lower ones (function-level imports
 count too), and the module graph has no cycle:
 
-    errors → graph, files → runtime → converters → load → lower → pairs → rules → check, augment → run, cache →
+    errors → graph, files → runtime → converters → load → lower → pairs → rules → check, augment → run, cache, forward64 →
     additivity, explanation, plots, text, timeseries → explainer → integrations → support, cli → the package facade
 """
 
@@ -28,7 +28,7 @@ LAYERS = [
     ["onnxshap.pairs"],
     ["onnxshap.rules"],
     ["onnxshap.check", "onnxshap.augment"],
-    ["onnxshap.run", "onnxshap.cache"],
+    ["onnxshap.run", "onnxshap.cache", "onnxshap.forward64"],
     ["onnxshap.additivity", "onnxshap.explanation", "onnxshap.plots", "onnxshap.text", "onnxshap.timeseries"],
     ["onnxshap.explainer"],
     ["onnxshap.integrations"],
