@@ -3,8 +3,9 @@
 Layers, lowest first; a module may import only from its own layer or lower ones (function-level imports
 count too), and the module graph has no cycle:
 
-    errors → graph, files → runtime → converters → load → lower → pairs → rules → check, augment → run, cache, forward64 →
-    additivity, explanation, plots, text, timeseries → explainer → integrations → support, cli → the package facade
+    errors → graph, files → runtime → converters → load → lower → pairs → rules → check, augment →
+    run, cache, forward64 → additivity, explanation, plots, text, timeseries → explainer → integrations →
+    support, cli → the package facade
 """
 
 from __future__ import annotations
