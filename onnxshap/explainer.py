@@ -33,6 +33,7 @@ from onnxshap.errors import UsageError
 from onnxshap.explanation import Explanation
 from onnxshap.files.model_files import data_path, needs_external_data, stage_model
 from onnxshap.files.write import OutputSet
+from onnxshap.forward64 import Float64Reference
 from onnxshap.load.data import feature_names_of, feeds, first_array
 from onnxshap.load.frameworks import framework_to_onnx, is_onnx_source
 from onnxshap.load.model import load_model, signature
@@ -135,6 +136,7 @@ class DeepExplainer:
         self._augmented: AugmentedModel | None = None
         # run
         self.runner = Runner(self.lowered, self.output_names, self.providers)
+        self.float64 = Float64Reference(self.lowered, self.output_names, self.background, max_memory)  # lazy
         self.n_outputs = sum(self.lowered.output_size(name) for name in self.output_names)
         self.output_labels = self._output_labels()
 
@@ -254,7 +256,8 @@ class DeepExplainer:
         del predictions_all
         base = self._expected[indices]
         error = additivity.check_additivity(values, predictions, base, self._expected_magnitude[indices],
-                                            self.output_labels, indices, enforce=check_additivity)
+                                            self.output_labels, indices, enforce=check_additivity,
+                                            recheck=functools.partial(self.float64.at, data))
         elapsed = time.perf_counter() - started
         common = dict(base_values=base, output_indices=indices, output_names=self.output_labels,
                       predictions=predictions, additivity_error=error)

@@ -3,8 +3,9 @@
 Layers, lowest first; a module may import only from its own layer or lower ones (function-level imports
 count too), and the module graph has no cycle:
 
-    errors → graph, files → runtime → converters → load → lower → pairs → rules → check, augment → run, cache →
-    additivity, explanation, plots, text, timeseries → explainer → integrations → support, cli → the package facade
+    errors → graph, files → runtime → converters → load → lower → pairs → rules → check, augment →
+    run, cache, forward64 → additivity, explanation, plots, text, timeseries → explainer → integrations →
+    support, cli → the package facade
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ LAYERS = [
     ["onnxshap.pairs"],
     ["onnxshap.rules"],
     ["onnxshap.check", "onnxshap.augment"],
-    ["onnxshap.run", "onnxshap.cache"],
+    ["onnxshap.run", "onnxshap.cache", "onnxshap.forward64"],
     ["onnxshap.additivity", "onnxshap.explanation", "onnxshap.plots", "onnxshap.text", "onnxshap.timeseries"],
     ["onnxshap.explainer"],
     ["onnxshap.integrations"],
