@@ -62,7 +62,10 @@ def applies(tool: str, model: str) -> bool:
 
 
 # -- tools: each returns {"cold", "warm", "values" (n, *features, k) or None, ...} ----------------------------
-def run_onnxshap(model, x, background, repeats, ranked=None):
+MAX_MEMORY = {"resnet18": 1 << 30}  # issue 12's ResNet run: RSS within this budget + 500 MB; others: the default
+
+
+def run_onnxshap(model, x, background, repeats, ranked=None, model_name=""):
     import onnxshap
     import onnxshap.explainer as explainer_module
 
@@ -78,7 +81,7 @@ def run_onnxshap(model, x, background, repeats, ranked=None):
 
     explainer_module.framework_to_onnx = timed_export
     start = time.perf_counter()
-    explainer = onnxshap.DeepExplainer(model, background)
+    explainer = onnxshap.DeepExplainer(model, background, max_memory=MAX_MEMORY.get(model_name))
     values = explainer.shap_values(x, ranked_outputs=ranked, check_additivity=False)
     cold = time.perf_counter() - start
     times = []
@@ -200,7 +203,7 @@ def worker(tool: str, model_name: str, n: int, m: int, repeats: int, ranked: int
     predictions, expected = predict(model, x), predict(model, background).mean(axis=0)
     if tool in ("shap", "captum") and model_name == "resnet18":
         model = hook_safe(model)
-    extra = {"model_name": model_name} if tool == "captum" else {}
+    extra = {"model_name": model_name} if tool in ("captum", "onnxshap", "onnxshap-cached") else {}
     result = RUNNERS[tool](model, x, background, repeats, ranked, **extra)
     values = result.pop("values")
     indices = result.pop("indices", None)

@@ -20,7 +20,7 @@ from onnxshap.augment.build import AugmentedModel
 from onnxshap.errors import UsageError
 from onnxshap.lower.lowered import LoweredModel
 
-FORWARD_ROWS = 256  # rows per forward call: bounds the forward session's memory
+FORWARD_ROWS = 256  # rows per forward call at most; fewer when the memory budget holds fewer (Runner.predict)
 
 
 @dataclass(frozen=True)
@@ -139,17 +139,23 @@ class Runner:
             self._forward = runtime.make_session(proto, self.providers, mode="forward")
         return self._forward
 
-    def predict(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """The explained outputs, flattened to (n, outputs), in float64 (written into one array as it goes)."""
+    def predict(self, feeds: dict[str, np.ndarray], budget: int | None = None) -> np.ndarray:
+        """The explained outputs, flattened to (n, outputs), in float64 (written into one array as it goes).
+
+        At most :data:`FORWARD_ROWS` rows per call, and no more than the per-row tensors of ``budget`` bytes
+        hold (:meth:`LoweredModel.bytes_per_row`: a ResNet-18 at 224² holds ~12 MB per row).
+        """
         session = self.forward_session()
         rows = next(iter(feeds.values())).shape[0]
+        step = FORWARD_ROWS if budget is None else \
+            max(1, min(FORWARD_ROWS, budget // max(1, self.lowered.bytes_per_row())))
         predictions = None
-        for start in range(0, rows, FORWARD_ROWS):
-            chunk = {name: array[start:start + FORWARD_ROWS] for name, array in feeds.items()}
+        for start in range(0, rows, step):
+            chunk = {name: array[start:start + step] for name, array in feeds.items()}
             results = [r.reshape(r.shape[0], -1) for r in runtime.run(session, self.outputs, chunk)]
             if predictions is None:
                 predictions = np.empty((rows, sum(r.shape[1] for r in results)), np.float64)
-            np.concatenate(results, axis=1, out=predictions[start:start + FORWARD_ROWS])
+            np.concatenate(results, axis=1, out=predictions[start:start + step])
         return predictions
 
     def session(self, augmented: AugmentedModel):

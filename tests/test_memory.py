@@ -334,6 +334,34 @@ def test_chunks_fit_the_budget_evenly_with_the_fewest_forward_rows():
             assert _forward_rows(n, m, chunks.samples, chunks.references) == min(fitting)
 
 
+def test_the_forward_pass_runs_as_many_rows_per_call_as_the_budget_holds(monkeypatch):
+    """Predictions (the background's expected value, the data's outputs) run at most budget / bytes-per-row rows
+    per ONNX Runtime call, and the same values come out of any split."""
+    import onnxshap.run as run_module
+
+    model = mlp(features=64, hidden=(256, 256), outputs=3)
+    rng = np.random.default_rng(1)
+    background, x = (rng.normal(size=(rows, 64)).astype(np.float32) for rows in (300, 40))
+    whole = onnxshap.DeepExplainer(model, background)
+    per_row = whole.lowered.bytes_per_row()
+    assert per_row >= 4 * (64 + 256 + 256 + 3)  # every per-row float tensor counts
+    rows_per_call = []
+    original = run_module.runtime.run
+
+    def counting(session, names, feeds):
+        rows_per_call.append(next(iter(feeds.values())).shape[0])
+        return original(session, names, feeds)
+
+    monkeypatch.setattr(run_module.runtime, "run", counting)
+    budget = 7 * per_row + per_row // 2
+    small = onnxshap.DeepExplainer(model, background, max_memory=max(budget, whole.augmented.memory(1, 1, 3)))
+    predicted = small.predict(x)
+    limit = max(1, small.max_memory // per_row)
+    assert rows_per_call and max(rows_per_call) <= limit < 40  # the split really happened
+    assert np.allclose(small.expected_value, whole.expected_value, rtol=1e-6, atol=0)
+    assert np.allclose(predicted, whole.predict(x), rtol=1e-6, atol=0)
+
+
 def test_a_budget_that_cannot_hold_one_triple_or_the_batch_size_is_one_clear_error():
     from onnxshap.run import chunking
 

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, metavar="N", help="rows per ONNX Runtime call")
     parser.add_argument("--max-memory", type=memory_size, metavar="SIZE",
                         help="memory budget per ONNX Runtime call: bytes or 512M, 2G (default: a quarter of the RAM, "
-                             "at most 1G); samples and references are split to fit, outputs last")
+                             "at most 512M); samples and references are split to fit, outputs last")
     parser.add_argument("--resume", action="store_true",
                         help="keep checkpoints of completed chunks beside the output and resume from them")
     parser.add_argument("--save-graph", metavar="FILE.onnx",

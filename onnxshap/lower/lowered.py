@@ -48,3 +48,9 @@ class LoweredModel:
     def output_size(self, name: str) -> int:
         """Number of output values per row of tensor ``name``."""
         return int(np.prod(self.feature_shape(name), dtype=np.int64))
+
+    def bytes_per_row(self) -> int:
+        """Bytes of every per-row tensor of one row (tensors with a plain batch axis): what a forward pass
+        holds at most per row (ONNX Runtime frees activations once read, so it usually holds less)."""
+        return sum(self.output_size(name) * np.dtype(self.dtypes.get(name, np.float32)).itemsize
+                   for name, axis in self.batch_axes.items() if isinstance(axis, int) and name in self.shapes)
