@@ -37,15 +37,6 @@ WRONG = 1e-3  # a value set off by this (relative) is wrong, and must fail again
 OFFSET = 1000.0  # the hand-built models' hidden units sit at this (float32 ulp 6e-5) and move by ~1e-2
 
 
-@pytest.fixture(scope="session")
-def zoo_cache(request, tmp_path_factory) -> Path:
-    """The folder test_arch_zoo.py caches the zoo's exports in (pytest's cache), so nothing is exported twice."""
-    cache = getattr(request.config, "cache", None)
-    if cache is None:
-        return tmp_path_factory.mktemp("onnxshap-arch-zoo")
-    return Path(cache.mkdir("onnxshap-arch-zoo"))
-
-
 def scaled_zoo_subject(name: str, folder: Path):
     """``(export, x, background)`` of a float-input zoo model, data and background scaled by SMALL."""
     case = az.CASES[name]

@@ -99,15 +99,6 @@ def ort_outputs(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndar
     return np.concatenate([o.reshape(len(o), -1) for o in outputs], axis=1).astype(np.float64)
 
 
-@pytest.fixture(scope="session")
-def zoo_cache(request, tmp_path_factory) -> Path:
-    """pytest's cache folder (exports survive between runs); a session temp folder under ``-p no:cacheprovider``."""
-    cache = getattr(request.config, "cache", None)
-    if cache is None:
-        return tmp_path_factory.mktemp("onnxshap-arch-zoo")
-    return Path(cache.mkdir("onnxshap-arch-zoo"))
-
-
 _SUBJECTS: dict[tuple[str, str], Subject] = {}
 
 
