@@ -39,13 +39,15 @@ def export_keras(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     rtol: float = 1e-4,
-    atol: float = 1e-5,
+    atol: float | None = None,
 ) -> onnx.ModelProto:
     """Export a Keras/TensorFlow model to ONNX and check the export reproduces the model.
 
     The batch (first) axis of every input and output is dynamic and named ``batch``. The export is run
     with ONNX Runtime (CPU) on ``example_inputs`` and on the same rows plus one more; each output must
-    satisfy ``|onnx - keras| <= atol + rtol * |keras|`` against ``model(x, training=False)``.
+    satisfy ``|onnx - keras| <= rtol * (|keras| + max|keras|)`` elementwise per output tensor (scale-free: no
+    absolute term) against ``model(x, training=False)``. Unlike :func:`export_torch` there is no float64
+    second opinion: a Keras model cannot generally be rerun in float64, so the float32 verdict is final.
 
     Args:
         model_or_path: a Keras model, or the path of a ``.keras`` file, ``.h5`` file or SavedModel folder.
@@ -57,7 +59,8 @@ def export_keras(
         input_names: ONNX input names; default ``input`` or ``input_0, input_1, ...``.
         output_names: ONNX output names; default ``output`` or ``output_0, output_1, ...``.
         rtol: relative tolerance of the numerical check.
-        atol: absolute tolerance of the numerical check.
+        atol: None (default): no absolute tolerance, ``rtol`` applies on each output's scale; a float: the
+            old form ``|onnx - keras| <= atol + rtol * |keras|``.
 
     Returns:
         The exported model, with ``ir_version`` at most 10.
