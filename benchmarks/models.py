@@ -66,26 +66,10 @@ def build_model(name: str):
 
 
 def _resnet18():
-    import torch
-    from torch import nn
-
     sys.path.insert(0, str(ROOT / "tests"))
-    from arch_zoo import BasicBlock, ResNetLike, resnet18_stem
+    from arch_zoo import resnet18
 
-    blocks, width = [], 64
-    for stage, channels in enumerate((64, 128, 256, 512)):
-        blocks += [BasicBlock(width, channels, 1 if stage == 0 else 2), BasicBlock(channels, channels)]
-        width = channels
-    model = ResNetLike(resnet18_stem(64), blocks, 512, k=1000)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # a cumulative average: one pass sets the statistics
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.1, 0.1)
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
-    return model.eval()
+    return resnet18(224)
 
 
 def hook_safe(model):

@@ -179,6 +179,27 @@ def resnet18_stem(cout: int = 8) -> nn.Sequential:
                          nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
 
 
+def resnet18(size: int = 224, k: int = 1000) -> nn.Module:
+    """torchvision's ResNet-18 layout (7×7/2 stem, max pool, 2+2+2+2 BasicBlocks of 64/128/256/512, average pool,
+    ``k`` classes), random init, BatchNorm affine parameters random and its statistics from one pass over uniform
+    images of ``size``² (activations stay O(1) on such images); in eval mode."""
+    torch.manual_seed(0)
+    blocks, width = [], 64
+    for stage, channels in enumerate((64, 128, 256, 512)):
+        blocks += [BasicBlock(width, channels, 1 if stage == 0 else 2), BasicBlock(channels, channels)]
+        width = channels
+    model = ResNetLike(resnet18_stem(64), blocks, 512, k=k)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # a cumulative average: one pass sets the statistics
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.1, 0.1)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
 class ConvNormActivation(nn.Sequential):
     """torchvision ``ops.Conv2dNormActivation``: conv (same padding), BN, activation (or none)."""
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import copy
 import os
 
+import arch_zoo
 import numpy as np
 import pytest
+import torch
+from onnxshap.converters import _common, export_keras, export_torch, torch_export
+
+from onnxshap.errors import ExportError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-torch = pytest.importorskip("torch")
-
-from arch_zoo import BasicBlock, ResNetLike, resnet18_stem  # noqa: E402
-from onnxshap.converters import _common, export_keras, export_torch, torch_export  # noqa: E402
-
-from onnxshap.errors import ExportError  # noqa: E402
 
 OLD_ATOL = 1e-5  # the absolute tolerance the check used to have
 
@@ -46,22 +45,8 @@ def onnx_and_torch(net, x):
 
 def resnet18_layout(size: int):
     """ResNet-18 (random init, BatchNorm statistics from uniform images) and standard-normal inputs."""
-    torch.manual_seed(0)
-    blocks, width = [], 64
-    for stage, channels in enumerate((64, 128, 256, 512)):
-        blocks += [BasicBlock(width, channels, 1 if stage == 0 else 2), BasicBlock(channels, channels)]
-        width = channels
-    net = ResNetLike(resnet18_stem(64), blocks, 512, k=1000)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(module.bias, -0.1, 0.1)
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(1)))
     x = np.random.default_rng(0).normal(size=(16, 3, size, size)).astype(np.float32)
-    return net.eval(), torch.from_numpy(x)
+    return arch_zoo.resnet18(size), torch.from_numpy(x)
 
 
 def centred_stack():
