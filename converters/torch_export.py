@@ -49,13 +49,9 @@ def export_torch(
     The module runs in eval mode during the export (its previous mode is restored afterwards). Every input
     and output gets a dynamic first (batch) axis named ``batch`` unless ``dynamic_batch=False``. The
     export is run with ONNX Runtime (CPU) on ``example_inputs`` and, with a dynamic batch, on the same rows
-    plus one more; each output tensor must satisfy ``|onnx - torch| <= rtol * (|torch| + max|torch|)``
-    elementwise (scale-free: no absolute term). When it does not, the module is run once more in float64
-    (a deep copy, ``.double()``, float inputs cast to float64) and the export is accepted if
-    ``max|onnx - torch64| <= 4 * max|torch - torch64| + rtol * max|torch64|``: ONNX Runtime's float32 result
-    is no further from the exact one than a few times torch's own float32 result (both round on the scale
-    of the internal activations, which can dwarf the outputs). If the float64 run fails (an op without a
-    double kernel, a module that cannot be deep-copied), the float32 verdict stands.
+    plus one more; each output tensor must satisfy ``|onnx - torch| <= rtol * (|torch| + max|torch|)``, or
+    else be as close to the module run in float64 as a few times torch's own float32 result is
+    (:func:`onnxshap.converters._common.compare_outputs` states the rule and why it has no absolute term).
 
     Args:
         module: the ``torch.nn.Module`` to export.
