@@ -73,12 +73,9 @@ def export_torch(
 
     Raises:
         ExportError: torch is not installed, every exporter failed, or the export's outputs differ from the
-            module's (the first line names the output, the max abs difference and the tolerance;
-            a later line, when the float64 run worked, how far ONNX and torch float32 are from it).
+            module's (the first line names the output, the max abs difference and the tolerance).
 
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 2))
-        >>> model = export_torch(net, torch.randn(8, 4), "net.onnx")
+    Example: ``export_torch(torch.nn.Linear(4, 2), torch.randn(8, 4), "net.onnx")``.
     """
     torch = _common.require("torch", "torch")
     if exporter not in EXPORTERS:
