@@ -153,14 +153,15 @@ def cached_augmented(plan: Plan, build: Callable[[Plan], AugmentedModel]) -> Aug
         except (KeyError, TypeError):  # an entry that does not read back is a miss
             _remove(path)
     result = build(plan)
-    if not needs_external_data(result.model):
-        fields = {k: getattr(result, k) for k in _AUGMENTED_FIELDS}
-        _write(where, path, {"kind": "augmented", "key": key, "fields": fields},
-               runtime.to_proto(result.model).SerializeToString())
-    return result
+    if needs_external_data(result.model):
+        return result
+    fields = {k: getattr(result, k) for k in _AUGMENTED_FIELDS}
+    serialized = runtime.to_proto(result.model).SerializeToString()
+    _write(where, path, {"kind": "augmented", "key": key, "fields": fields}, serialized)
+    return dataclasses.replace(result, serialized=serialized)  # the session is made from the bytes just written
 
 
-_AUGMENTED_FIELDS = tuple(f.name for f in dataclasses.fields(AugmentedModel) if f.name != "model")
+_AUGMENTED_FIELDS = tuple(f.name for f in dataclasses.fields(AugmentedModel) if f.name not in ("model", "serialized"))
 
 
 class CachedAugmentedModel(AugmentedModel):
@@ -170,14 +171,11 @@ class CachedAugmentedModel(AugmentedModel):
     def __init__(self, payload: bytes, fields: dict) -> None:
         for name, value in fields.items():
             setattr(self, name, value)
-        self._payload = payload
+        self.serialized = payload
 
     @functools.cached_property
     def model(self) -> ir.Model:  # type: ignore[override]
-        return ir.from_proto(onnx.ModelProto.FromString(self._payload))
-
-    def session_source(self) -> bytes:
-        return self._payload
+        return ir.from_proto(onnx.ModelProto.FromString(self.serialized))
 
 
 # -- Keras exports ------------------------------------------------------------------------------------------
