@@ -71,9 +71,7 @@ def export_keras(
             export's outputs differ from the model's (the first line names the output, the max abs
             difference and the tolerance).
 
-    Example:
-        >>> net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model = export_keras(net, np.random.rand(8, 4), "net.onnx")
+    Example: ``export_keras(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), x, "net.onnx")``.
     """
     tf = _common.require("tensorflow", "tf")
     tf2onnx = _common.require("tf2onnx", "tf")
@@ -83,9 +81,8 @@ def export_keras(
     grown = _common.grow_batch(arrays)
     expected_grown = _outputs(call(*grown))  # one eager call (also builds a lazily built model) for both checks
     output_names = _common.check_names(output_names, len(expected_grown), "output")
-    signature = tuple(
-        tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype), name=n) for a, n in zip(arrays, input_names)
-    )
+    signature = tuple(tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype), name=n)
+                      for a, n in zip(arrays, input_names))
     model = _standard(_convert(tf, tf2onnx, call, keras_model, signature, opset))
     _common.rename_outputs(model, output_names)
     _common.name_batch_axis(model)
