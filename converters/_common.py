@@ -132,12 +132,11 @@ def compare_outputs(
     for index, (name, g, e) in enumerate(zip(names, got, expected)):
         g64, e64, finite = _checked_pair(name, g, e, framework, context)
         if not within_tolerance(g64[finite], e64[finite], rtol=rtol, atol=atol).all():
-            failed.append(index)
+            failed.append((index, g64, e64, finite))
     if not failed:
         return
     exact = _call_truth(truth, expected)
-    for index in failed:
-        g64, e64, finite = _checked_pair(names[index], got[index], expected[index], framework, context)
+    for index, g64, e64, finite in failed:
         t64 = None if exact is None else np.asarray(exact[index], np.float64)
         _refuse_unless_near_truth(names[index], g64, e64, t64, finite, rtol=rtol, atol=atol,
                                   framework=framework, context=context)

@@ -32,7 +32,6 @@ from onnxshap import runtime
 from onnxshap.errors import OnnxRuntimeError, OnnxShapError, first_line
 from onnxshap.graph.edit import is_default_domain, remove_dead_nodes
 from onnxshap.lower.lowered import LoweredModel
-from onnxshap.lower.probe import PROBE_BATCHES
 
 FLOAT, DOUBLE = ir.DataType.FLOAT, ir.DataType.DOUBLE
 TYPE_ATTRIBUTES = ("to", "dtype")  # Cast(to); EyeLike, RandomNormal(Like), RandomUniform(Like), Bernoulli(dtype)
@@ -139,7 +138,7 @@ class Float64Forward:
         except Exception as exc:  # noqa: BLE001 - onnx-ir raises its own types on a graph it cannot copy
             raise OnnxRuntimeError(f"the model cannot be written in float64: {first_line(exc)}") from None
         self._float_inputs = {v.name for v in self.lowered.model.graph.inputs if v.dtype == FLOAT}
-        self.rows = max(1, min(MAX_ROWS, self.budget // (2 * 8 * _row_elements(self.lowered))))
+        self.rows = max(1, min(MAX_ROWS, self.budget // (2 * 8 * self.lowered.row_elements())))
         try:
             session = runtime.make_session(model, runtime.CPU, mode="forward")
             self.engine, self._run = "onnxruntime", lambda feeds: runtime.run(session, self.outputs, feeds)
@@ -158,12 +157,6 @@ class Float64Forward:
                                    f"evaluator refused it too: {first_line(exc)}") from None
         self.engine = "reference"
         return lambda feeds: evaluator.run(self.outputs, feeds)
-
-
-def _row_elements(lowered: LoweredModel) -> int:
-    """Elements per row over every tensor with a batch axis (plain or merged), from the probe's shapes."""
-    batched = (shape for name, shape in lowered.shapes.items() if lowered.batch_axes.get(name) is not None)
-    return max(1, sum(int(np.prod(shape, dtype=np.int64)) for shape in batched) // PROBE_BATCHES[0])
 
 
 def _float64_reference_ops() -> list[type]:

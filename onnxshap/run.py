@@ -143,12 +143,12 @@ class Runner:
         """The explained outputs, flattened to (n, outputs), in float64 (written into one array as it goes).
 
         At most :data:`FORWARD_ROWS` rows per call, and no more than the per-row tensors of ``budget`` bytes
-        hold (:meth:`LoweredModel.bytes_per_row`: a ResNet-18 at 224² holds ~12 MB per row).
+        hold in float32 (:meth:`LoweredModel.row_elements`: a ResNet-18 at 224² holds ~12 MB per row).
         """
         session = self.forward_session()
         rows = next(iter(feeds.values())).shape[0]
         step = FORWARD_ROWS if budget is None else \
-            max(1, min(FORWARD_ROWS, budget // max(1, self.lowered.bytes_per_row())))
+            max(1, min(FORWARD_ROWS, budget // (4 * self.lowered.row_elements())))
         predictions = None
         for start in range(0, rows, step):
             chunk = {name: array[start:start + step] for name, array in feeds.items()}

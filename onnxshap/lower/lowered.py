@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxshap.lower.probe import PROBE_BATCHES
+
 
 @dataclass
 class LoweredModel:
@@ -49,8 +51,9 @@ class LoweredModel:
         """Number of output values per row of tensor ``name``."""
         return int(np.prod(self.feature_shape(name), dtype=np.int64))
 
-    def bytes_per_row(self) -> int:
-        """Bytes of every per-row tensor of one row (tensors with a plain batch axis): what a forward pass
-        holds at most per row (ONNX Runtime frees activations once read, so it usually holds less)."""
-        return sum(self.output_size(name) * np.dtype(self.dtypes.get(name, np.float32)).itemsize
-                   for name, axis in self.batch_axes.items() if isinstance(axis, int) and name in self.shapes)
+    def row_elements(self) -> int:
+        """Elements of one row over every tensor with a batch axis (plain or merged), from the probe's shapes
+        (recorded at the first probe batch): what a forward pass holds at most per row (ONNX Runtime frees
+        activations once read, so it usually holds less)."""
+        batched = (shape for name, shape in self.shapes.items() if self.batch_axes.get(name) is not None)
+        return max(1, sum(int(np.prod(shape, dtype=np.int64)) for shape in batched) // PROBE_BATCHES[0])
