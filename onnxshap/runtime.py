@@ -278,14 +278,23 @@ def evaluate(model: ir.Model | onnx.ModelProto, feeds: dict[str, np.ndarray],
     Raises:
         OnnxRuntimeError: ONNX Runtime refused the model or failed while running it.
     """
-    proto = to_proto(model)
-    proto = _with_outputs(proto, names)
+    return evaluate_each(model, [feeds], names)[0]
+
+
+def evaluate_each(model: ir.Model | onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                  names: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+    """:func:`evaluate` on each of ``feeds`` through one session (one serialisation and one session set-up:
+    ~40 % of a probe of the unrolled Keras BiLSTM×2's 591-node graph)."""
+    proto = _with_outputs(to_proto(model), names)
     session = make_session(proto, CPU, mode="probe")
     produced = [o.name for o in session.get_outputs()]
     wanted = produced if names is None else [n for n in dict.fromkeys(names) if n in set(produced)]
-    values = dict(zip(wanted, run(session, wanted, feeds)))
-    values.update({n: feeds[n] for n in names or () if n in feeds})
-    return values
+    results = []
+    for feed in feeds:
+        values = dict(zip(wanted, run(session, wanted, feed)))
+        values.update({n: feed[n] for n in names or () if n in feed})
+        results.append(values)
+    return results
 
 
 def _with_outputs(proto: onnx.ModelProto, names: list[str] | None) -> onnx.ModelProto:

@@ -232,7 +232,7 @@ def test_torch_missing_is_a_clear_error(monkeypatch):
 
 def test_onnx_runtime_mismatch_is_refused(monkeypatch):
     real = _common.run_onnx
-    monkeypatch.setattr(_common, "run_onnx", lambda m, f: [o + 1e-3 for o in real(m, f)])
+    monkeypatch.setattr(_common, "run_onnx", lambda m, *feeds: [[o + 1e-3 for o in outs] for outs in real(m, *feeds)])
     net, x = torch_model("mlp")
     with pytest.raises(ExportError, match="export check failed: output 'output' differs from torch"):
         export_torch(net, x)
@@ -328,7 +328,8 @@ def test_keras_legacy_tf_keras_h5(tmp_path):
 def test_keras_mismatch_is_refused(monkeypatch, tmp_path):
     net, x = keras_model("dense")
     real = _common.run_onnx
-    monkeypatch.setattr(_common, "run_onnx", lambda m, f: [o * 1.01 + 0.01 for o in real(m, f)])
+    monkeypatch.setattr(_common, "run_onnx",
+                        lambda m, *feeds: [[o * 1.01 + 0.01 for o in outs] for outs in real(m, *feeds)])
     with pytest.raises(ExportError) as info:
         export_keras(net, x, tmp_path / "bad.onnx")
     first = str(info.value).splitlines()[0]

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from importlib import metadata
 
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as onh
 import pytest
 
 from onnxshap import runtime
@@ -60,3 +64,28 @@ def test_no_warning_with_one_distribution(monkeypatch, recwarn):
     monkeypatch.setattr(metadata, "version", only_gpu)
     runtime.warn_if_both_runtimes_installed()
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_probing_two_batch_sizes_makes_one_session(monkeypatch):
+    """probe_twice runs both batch sizes through one session, with the values of two separate runs."""
+    import onnx_ir as ir
+
+    from onnxshap.lower.probe import PROBE_BATCHES, probe_twice
+
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])
+    weight = onh.from_array(np.arange(9, dtype=np.float32).reshape(3, 3), "w")
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["h"]), oh.make_node("Tanh", ["h"], ["y"])],
+                          "g", [x], [y], [weight])
+    model = ir.from_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    examples = {"x": np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)}
+    sessions = []
+    make_session = runtime.make_session
+    monkeypatch.setattr(runtime, "make_session", lambda *a, **k: sessions.append(1) or make_session(*a, **k))
+    probes = probe_twice(model, examples)
+    assert len(sessions) == 1
+    for probe, batch in zip(probes, PROBE_BATCHES):
+        rows = examples["x"][np.arange(batch) % 4]
+        assert probe["x"].shape == (batch, 3) and np.array_equal(probe["x"], rows)
+        np.testing.assert_allclose(probe["y"], np.tanh(rows @ probe["w"]), rtol=1e-6)
+        assert set(probe) >= {"x", "w", "h", "y"}

@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 
 from onnxshap.errors import ModelLoadError
+from onnxshap.graph.builder import collection_paused
 from onnxshap.load.data import first_array
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -42,10 +43,19 @@ def framework_to_onnx(model, background) -> onnx.ModelProto:
     """Export a torch module, a Keras model, or a Keras file / SavedModel folder with ``onnxshap.converters``
     (the export is checked numerically against the framework on the first background rows, :func:`export_rows`).
 
+    The cyclic garbage collector is paused meanwhile: tracing allocates objects by the hundred thousand, and
+    with TensorFlow's heap loaded one full collection took 0.27 s of tf2onnx's 0.6 s on the Keras BiLSTM×2.
+
     Raises:
         ModelLoadError: a Keras path that does not exist, or an object that is no model onnxshap knows.
         ExportError: the converter failed or its export does not reproduce the model.
     """
+    with collection_paused():
+        return _export(model, background)
+
+
+def _export(model, background) -> onnx.ModelProto:
+    """:func:`framework_to_onnx` with the collector as it is."""
     if is_keras_path(model):
         if not Path(model).exists():
             raise ModelLoadError(f"no such Keras model file or SavedModel folder: {model}")

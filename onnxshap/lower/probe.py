@@ -27,13 +27,15 @@ def probe_feeds(examples: dict[str, np.ndarray], batch: int) -> dict[str, np.nda
 
 def probe_twice(model: ir.Model, examples: dict[str, np.ndarray]) -> tuple[Probe, Probe]:
     """Every tensor of ``model`` (inputs and initializers included) at the two probe batch sizes."""
-    probes = []
+    feeds = []
     for batch in PROBE_BATCHES:
-        feeds = probe_feeds(examples, batch)
-        values = runtime.evaluate(model, {v.name: feeds[v.name] for v in model.graph.inputs})
-        values.update({v.name: feeds[v.name] for v in model.graph.inputs})
-        values.update({name: init.const_value.numpy() for name, init in model.graph.initializers.items()})
-        probes.append(values)
+        rows = probe_feeds(examples, batch)
+        feeds.append({v.name: rows[v.name] for v in model.graph.inputs})
+    probes = runtime.evaluate_each(model, feeds)
+    weights = {name: init.const_value.numpy() for name, init in model.graph.initializers.items()}
+    for values, feed in zip(probes, feeds):
+        values.update(feed)
+        values.update(weights)
     return probes[0], probes[1]
 
 
