@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from onnxshap import runtime
 from onnxshap.augment.plan import Plan, walk
+from onnxshap.augment.rolled import find_runs
 from onnxshap.augment.sweep import sweep
 from onnxshap.errors import OnnxShapError
 from onnxshap.files.model_files import needs_external_data, weight_bytes
@@ -92,13 +93,14 @@ class AugmentedModel:
         return runtime.to_proto(self.model)
 
 
-def build_augmented(plan: Plan) -> AugmentedModel:
-    """The augmented model of ``plan`` (see the module docstring)."""
+def build_augmented(plan: Plan, roll: bool = True) -> AugmentedModel:
+    """The augmented model of ``plan`` (see the module docstring); ``roll``: sweep the repeated steps of an
+    unrolled recurrent layer as one ONNX Loop (``rolled.py``; off: every step swept on its own, same values)."""
     with collection_paused():
-        return _build(plan)
+        return _build(plan, roll)
 
 
-def _build(plan: Plan) -> AugmentedModel:
+def _build(plan: Plan, roll: bool) -> AugmentedModel:
     model = ir.from_proto(runtime.to_proto(plan.lowered.model))  # a copy: the forward model stays as it is
     graph = model.graph
     taken = all_names(graph)
@@ -119,7 +121,7 @@ def _build(plan: Plan) -> AugmentedModel:
     outputs = [values[name] for name in plan.outputs]
     found = walk(ctx, graph, [v.name for v in explained], [v.name for v in outputs])
     graph.outputs.clear()
-    multipliers = sweep(ctx, found, _seeds(ctx, outputs, output_index))
+    multipliers = sweep(ctx, found, _seeds(ctx, outputs, output_index), find_runs(ctx, found) if roll else None)
     names = [_output(graph, _shap_values(ctx, value, multipliers.get(value.name)), _free(f"shap_values_{i}", taken),
                      ["n", *plan.lowered.feature_shape(name), "k"])
              for i, (name, value) in enumerate(zip(plan.explained, explained))]

@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxshap.augment import rolled
 from onnxshap.augment.fusion import Fusion
 from onnxshap.augment.plan import Walk, uses_linear_rule
 from onnxshap.pairs import Multiplier, PairContext
 from onnxshap.rules import TABLE
 
 
-def sweep(ctx: PairContext, walk: Walk, seeds: dict[str, Multiplier]) -> dict[str, Multiplier]:
-    """Multipliers of every tensor the sweep reaches, starting from ``seeds`` (output name → multiplier)."""
+def sweep(ctx: PairContext, walk: Walk, seeds: dict[str, Multiplier],
+          runs: list[rolled.Run] | None = None) -> dict[str, Multiplier]:
+    """Multipliers of every tensor the sweep reaches, starting from ``seeds`` (output name → multiplier).
+
+    Each of ``runs`` (recurrent steps that are one graph, ``rolled.py``) is swept as one loop, at its place.
+    """
     fusion = Fusion(ctx, walk.sources, TABLE)
     multipliers: dict[str, Multiplier] = dict(seeds)
-    for node in reversed(walk.nodes):
+    for node in reversed(rolled.condense(walk.nodes, runs or [])):
+        if isinstance(node, rolled.Run):
+            rolled.backward(ctx, node, multipliers, sweep)
+            continue
         outs = [multipliers.get(o.name) for o in node.outputs]
         if all(m is None for m in outs):
             continue

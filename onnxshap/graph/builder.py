@@ -49,11 +49,13 @@ class Builder:
         graph: the graph to append to (its opset decides op forms).
         prefix: base of every created name; made unique against the graph's names.
         dtype: when given, the element type recorded on every node output (lowering passes use it).
+        opset: the opset to write for (default: the graph's; a loop body imports none of its own).
     """
 
-    def __init__(self, graph: ir.Graph, prefix: str = "osh", dtype: ir.DataType | None = None) -> None:
+    def __init__(self, graph: ir.Graph, prefix: str = "osh", dtype: ir.DataType | None = None,
+                 opset: int | None = None) -> None:
         self.graph = graph
-        self.opset = opset_of(graph)
+        self.opset = opset_of(graph) if opset is None else opset
         self.prefix = unique_prefix(graph, prefix)
         self.dtype = dtype
         self.tape = ir.tape.Tape(graph)

@@ -52,6 +52,12 @@ from onnxshap.graph.edit import const_array, is_used, remove_dead_inputs, replac
 
 RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 
+# Node metadata the unrolled steps carry, so that the sweep can roll their backward into a loop
+# (``augment/rolled.py``): the step, as ``<chain>#<position in the chain>`` (a chain is one direction of one
+# node, in the order its steps run), and, on the nodes that compute the next state, ``<state role>:<output>``.
+STEP_KEY = "onnxshap.recurrent_step"
+STATE_KEY = "onnxshap.recurrent_state"
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Activations
@@ -289,6 +295,14 @@ def _initial_state(em: Builder, value, d: int, plan, name: str) -> ir.Value:
     return em.op("Gather", [value, em.ints(d, "dir_index")], {"axis": axis}, hint=name)
 
 
+def _tag_step(nodes: list[ir.Node], step: str, state: tuple[ir.Value, ...]) -> None:
+    """Mark the nodes of one step (:data:`STEP_KEY`) and the producers of its state (:data:`STATE_KEY`)."""
+    for node in nodes:
+        node.metadata_props[STEP_KEY] = step
+    for role, value in enumerate(state):
+        value.producer().metadata_props[STATE_KEY] = f"{role}:{value.index()}"
+
+
 def _lower(graph: ir.Graph, node: ir.Node, plan) -> None:
     """Replace ``node`` by its unrolled subgraph: per direction, X·Wᵀ + b once, then one cell per step."""
     kind, hidden, steps = plan.kind, plan.hidden, plan.steps
@@ -310,8 +324,10 @@ def _lower(graph: ir.Graph, node: ir.Node, plan) -> None:
         pieces = em.split(xw, 0, [1] * steps, f"{tag}x_steps")
         state = tuple(_initial_state(em, v, d, plan, f"{tag}initial_{'hc'[k]}") for k, v in enumerate(plan.init))
         hs = [None] * steps
-        for t in (reversed(range(steps)) if backward else range(steps)):
+        for position, t in enumerate(reversed(range(steps)) if backward else range(steps)):
+            first = len(em.nodes)
             state = kind.cell(em, f"{tag}t{t}/", pieces[t], state, p)
+            _tag_step(em.nodes[first:], f"{em.prefix}/{tag}#{position}", state)
             hs[t] = state[0]
         if _needed(node, 0):
             ys.append(em.unsqueeze(em.concat(hs, 0, f"{tag}Y_steps"), [1], f"{tag}Y_dir"))
