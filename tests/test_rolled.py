@@ -66,7 +66,7 @@ def test_rolled_backward_equals_unrolled(case, seed, monkeypatch):
     model, x, background = _onnx_case(case, seed)
     rolled = _assert_rolled_equals_unrolled(model, x, background, monkeypatch)
     chains = 2 if CASES[case][1].get("direction") == "bidirectional" else 1
-    assert _loops(rolled) == chains  # one loop per direction
+    assert _loops(rolled) == 2 * chains  # per direction, a forward and a backward loop
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -74,7 +74,7 @@ def test_rolled_backward_equals_unrolled_on_stacked_bidirectional_torch_export(c
     net = recurrent_zoo.recurrent_net(cell, layers=2, bidirectional=True, head="flat", steps=8)
     x, background = recurrent_zoo.data(n=N, m=M, steps=8)
     rolled = _assert_rolled_equals_unrolled(net, x, background, monkeypatch)
-    assert _loops(rolled) == 4  # two layers, two directions
+    assert _loops(rolled) == 8  # two layers, two directions, a forward and a backward loop each
 
 
 def test_runs_shorter_than_three_steps_stay_unrolled(monkeypatch):
@@ -89,18 +89,18 @@ def _nodes(model, background, roll: bool, monkeypatch) -> int:
     return len(_explainer(model, background, roll, monkeypatch).augmented.model.graph)
 
 
-@pytest.mark.parametrize("op", ["LSTM", "GRU"])
-def test_graph_grows_with_the_forward_only(op, monkeypatch):
-    """Unrolled, every step adds its backward (~80 nodes); rolled, a step adds its forward and the loop's
-    stacking of its boundary values: growth per step under a quarter of the unrolled growth."""
-    growth = {}
+@pytest.mark.parametrize("case", ["lstm", "gru_linear_before_reset"])
+def test_graph_size_does_not_grow_with_the_sequence(case, monkeypatch):
+    """Unrolled, every step adds its forward and its backward (~90 nodes); rolled, the steps after the first
+    are one forward loop and one backward loop whatever their number (the values are stacked by one Concat and
+    cut apart by one Split)."""
+    sizes = {}
     for roll in (False, True):
-        sizes = []
         for steps in (8, 24):
-            model, _, background = _onnx_case(op.lower() if op == "LSTM" else "gru", 0, steps)
-            sizes.append(_nodes(model, background, roll, monkeypatch))
-        growth[roll] = (sizes[1] - sizes[0]) / 16
-    assert growth[True] < growth[False] / 4, growth
+            model, _, background = _onnx_case(case, 0, steps)
+            sizes[roll, steps] = _nodes(model, background, roll, monkeypatch)
+    assert sizes[True, 8] == sizes[True, 24], sizes
+    assert sizes[False, 24] - sizes[False, 8] > 16 * 50, sizes  # the unrolled graph does grow
 
 
 def test_saved_rolled_graph_runs_in_plain_onnx_runtime(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from onnxshap import runtime
 from onnxshap.augment.plan import Plan, walk
 from onnxshap.augment.rolled import find_runs
+from onnxshap.augment.rolled_loops import roll_forward
 from onnxshap.augment.sweep import sweep
 from onnxshap.errors import OnnxShapError
 from onnxshap.files.model_files import needs_external_data, weight_bytes
@@ -101,7 +102,7 @@ def build_augmented(plan: Plan, roll: bool = True) -> AugmentedModel:
 
 
 def _build(plan: Plan, roll: bool) -> AugmentedModel:
-    model = ir.from_proto(runtime.to_proto(plan.lowered.model))  # a copy: the forward model stays as it is
+    model = plan.lowered.model.clone()  # the forward model stays as it is (initializer tensors are shared)
     graph = model.graph
     taken = all_names(graph)
     build = Builder(graph, "osh")
@@ -121,12 +122,17 @@ def _build(plan: Plan, roll: bool) -> AugmentedModel:
     outputs = [values[name] for name in plan.outputs]
     found = walk(ctx, graph, [v.name for v in explained], [v.name for v in outputs])
     graph.outputs.clear()
-    multipliers = sweep(ctx, found, _seeds(ctx, outputs, output_index), find_runs(ctx, found) if roll else None)
+    runs = find_runs(ctx, found) if roll else []
+    multipliers = sweep(ctx, found, _seeds(ctx, outputs, output_index), runs)
     names = [_output(graph, _shap_values(ctx, value, multipliers.get(value.name)), _free(f"shap_values_{i}", taken),
                      ["n", *plan.lowered.feature_shape(name), "k"])
              for i, (name, value) in enumerate(zip(plan.explained, explained))]
     prediction = _output(graph, _prediction(ctx, outputs), _free("prediction", taken), ["n", _total(ctx, outputs)])
+    for run in runs:
+        roll_forward(ctx, run)
     remove_dead_nodes(model)
+    if runs:
+        graph.sort()  # the forward loops were appended after the nodes that now read them
     return AugmentedModel(
         model=model, inputs={name: name for name in samples},
         references={k: v.name for k, v in references.items()},

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from onnxshap.augment import rolled
 from onnxshap.augment.fusion import Fusion
 from onnxshap.augment.plan import Walk, uses_linear_rule
+from onnxshap.augment.rolled_loops import backward
 from onnxshap.pairs import Multiplier, PairContext
 from onnxshap.rules import TABLE
 
@@ -27,7 +28,7 @@ def sweep(ctx: PairContext, walk: Walk, seeds: dict[str, Multiplier],
     multipliers: dict[str, Multiplier] = dict(seeds)
     for node in reversed(rolled.condense(walk.nodes, runs or [])):
         if isinstance(node, rolled.Run):
-            rolled.backward(ctx, node, multipliers, sweep)
+            backward(ctx, node, multipliers, sweep)
             continue
         outs = [multipliers.get(o.name) for o in node.outputs]
         if all(m is None for m in outs):

@@ -9,10 +9,12 @@ Passes, in order (each documented in its module):
    indices select inside each row (``arange(batch)``: last-token pooling) into constant-index Gathers
    (``row_gather.py``); reverse full-length sequences with a constant ``Slice`` (``ReverseSequence``,
    ``sequences.py``);
-4. unroll ``Loop``/``Scan`` with a static trip count (``loops.py``), then ``LSTM``/``GRU``/``RNN``
-   (``recurrent.py``) over the sequence length of the data being explained; boolean masks computed from the
-   input move through layout ops as 0/1 floats (``masks.py``: Keras ``Masking``);
-5. decompose composites (``composites.py``): Gemm, BatchNormalization, AveragePool, LayerNormalization, ...;
+4. unroll ``Loop``/``Scan`` with a static trip count (``loops.py``); decompose the composites whose input shapes
+   the probe knows (``composites.py``: Gemm, BatchNormalization, AveragePool, LayerNormalization, ...); unroll
+   ``LSTM``/``GRU``/``RNN`` (``recurrent.py``) over the sequence length of the data being explained (one probe
+   after both); boolean masks computed from the input move through layout ops as 0/1 floats (``masks.py``:
+   Keras ``Masking``);
+5. decompose the composites left (those whose input shape only the new probe knows);
 6. probe again: the lowered graph's shapes and batch axes, which the sweep builds on; the lowered model must
    reproduce the original's outputs on the probe rows, else it is refused (never answered wrongly).
 """
@@ -71,14 +73,16 @@ def _lower(proto: onnx.ModelProto, examples: dict[str, np.ndarray]) -> LoweredMo
         probes = _settle(model, examples)
     if UnrollLoops()(model).modified:
         probes = _settle(model, examples)
-    if UnrollRecurrent()(model).modified:
+    decompose = DecomposeComposites()
+    # composites the probe has shapes for are rewritten before the unroll, so one probe serves both changes
+    decompose(model)
+    if UnrollRecurrent()(model).modified or decompose.rewritten:
         probes = _settle(model, examples)
     if FloatBooleanLayout()(model).modified:
         probes = _settle(model, examples)
-    decompose = DecomposeComposites()
     for _ in range(MAX_PROBE_ROUNDS):
-        result = decompose(model)
-        if result.modified or decompose.deferred:
+        decompose(model)
+        if decompose.rewritten or decompose.deferred:
             probes = _settle(model, examples)
         if not decompose.deferred:
             break

@@ -69,18 +69,21 @@ def _only_first_output_used(node: ir.Node) -> str | None:
 class DecomposeComposites(ir.passes.InPlacePass):
     """Apply every rewrite of :data:`REWRITES` whose input shape is known; refuse what cannot be rewritten.
 
-    After a call, ``deferred`` counts the nodes left for a later call (their input shape was not known).
+    After a call, ``deferred`` counts the nodes left for a later call (their input shape was not known) and
+    ``rewritten`` the nodes replaced by new ones (whose shapes a new probe must learn; a node edited in place,
+    like an ``auto_pad`` resolved into ``pads``, keeps its shapes).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.deferred = 0
+        self.rewritten = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         builder = Builder(graph, "lower")
         refusals = Refusals()
-        changed, self.deferred = False, 0
+        changed, self.deferred, self.rewritten = False, 0, 0
         for node in list(graph):
             entry = REWRITES.get(node.op_type) if is_default_domain(node) else None
             if entry is None:
@@ -96,6 +99,7 @@ class DecomposeComposites(ir.passes.InPlacePass):
             outputs = entry.rewrite(builder, node, shape)
             if outputs is not None:
                 replace_node(node, {i: v for i, v in enumerate(outputs) if v is not None})
+                self.rewritten += 1
             changed = True
         refusals.raise_if_any()
         if changed:
