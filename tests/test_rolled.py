@@ -39,6 +39,24 @@ def _onnx_case(name: str, seed: int, steps: int = 6) -> tuple[onnx.ModelProto, n
     return model, data[:N], data[N:]
 
 
+def _old_opset_case(opset: int, seed: int, steps: int = 6) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """A bidirectional GRU at an opset before ``layout`` (and before Split/Squeeze took their sizes and axes as
+    inputs), made batch-major by Transposes around it."""
+    model, _, _ = make_rnn_model("GRU", direction="bidirectional", T=steps, seed=seed, opset=opset)
+    graph = model.graph
+    graph.input[0].name = "X_batch_major"
+    graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    graph.input[0].type.tensor_type.shape.dim[1].dim_value = steps
+    graph.node.insert(0, onnx.helper.make_node("Transpose", ["X_batch_major"], ["X"], perm=[1, 0, 2]))
+    for output, perm in zip(list(graph.output), ([2, 0, 1, 3], [1, 0, 2])):
+        graph.node.append(onnx.helper.make_node("Transpose", [output.name], [output.name + "_bm"], perm=perm))
+        graph.output.remove(output)
+        graph.output.append(onnx.helper.make_tensor_value_info(output.name + "_bm", onnx.TensorProto.FLOAT, None))
+    rng = np.random.default_rng(seed + 11)
+    data = rng.normal(0, 1, (N + M, steps, 3)).astype(np.float32)
+    return model, data[:N], data[N:]
+
+
 def _explainer(model, background, roll: bool, monkeypatch) -> onnxshap.DeepExplainer:
     monkeypatch.setattr(explainer_module, "build_augmented", functools.partial(build_augmented, roll=roll))
     return onnxshap.DeepExplainer(model, background, cache=False)
@@ -67,6 +85,13 @@ def test_rolled_backward_equals_unrolled(case, seed, monkeypatch):
     rolled = _assert_rolled_equals_unrolled(model, x, background, monkeypatch)
     chains = 2 if CASES[case][1].get("direction") == "bidirectional" else 1
     assert _loops(rolled) == 2 * chains  # per direction, a forward and a backward loop
+
+
+@pytest.mark.parametrize("opset", [10, 12])
+def test_rolled_backward_equals_unrolled_at_old_opsets(opset, monkeypatch):
+    model, x, background = _old_opset_case(opset, 0)
+    rolled = _assert_rolled_equals_unrolled(model, x, background, monkeypatch)
+    assert _loops(rolled) == 4
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
