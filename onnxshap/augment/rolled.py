@@ -75,7 +75,8 @@ def find_runs(ctx: PairContext, walk: Walk) -> list[Run]:
     order = {node: i for i, node in enumerate(walk.nodes)}
     runs = []
     for chain, blocks in chains.items():
-        described = {p: _describe(ctx, walk, chain, blocks, p) for p in blocks}
+        states = {p: _states(block) for p, block in blocks.items()}
+        described = {p: _describe(ctx, walk, chain, blocks[p], states.get(p - 1, {}), states[p]) for p in blocks}
         for positions in _consecutive(described):
             run = _run(walk, [blocks[p] for p in positions], [described[p] for p in positions], order)
             if run is not None:
@@ -100,11 +101,11 @@ def _consecutive(described: dict[int, _Block | None]) -> list[list[int]]:
     return runs
 
 
-def _describe(ctx: PairContext, walk: Walk, chain: str, blocks: dict, position: int) -> _Block | None:
-    """The signature and boundary of block ``position`` (None: it cannot be part of a run)."""
-    block = blocks[position]
+def _describe(ctx: PairContext, walk: Walk, chain: str, block: list[ir.Node], states_before: dict[ir.Value, str],
+              states: dict[ir.Value, str]) -> _Block | None:
+    """The signature and boundary of ``block`` (None: it cannot be part of a run), given the state values of the
+    block before it and its own (:func:`_states`)."""
     index = {node: i for i, node in enumerate(block)}
-    states_before = _states(blocks.get(position - 1, []))
     steps: list[ir.Value] = []
     carried: dict[str, ir.Value] = {}
 
@@ -137,7 +138,7 @@ def _describe(ctx: PairContext, walk: Walk, chain: str, blocks: dict, position: 
             return None
         shape.append((node.op_type, _attributes(node), node.metadata_props.get(STATE_KEY), inputs, sources,
                       tuple(_facts(ctx, o) for o in node.outputs)))
-    carry_out = {role: (index[v.producer()], v.index()) for v, role in _states(block).items()}
+    carry_out = {role: (index[v.producer()], v.index()) for v, role in states.items()}
     boundary = tuple(_facts(ctx, v) for v in steps), tuple((r, _facts(ctx, v)) for r, v in sorted(carried.items()))
     return _Block((tuple(shape), boundary), steps, carried, carry_out)
 
