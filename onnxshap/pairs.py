@@ -16,12 +16,13 @@ computed once per pair (n·m elements) and broadcast over the k outputs (:meth:`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxshap.graph.builder import Builder
+from onnxshap.graph.tiles import Tiles
 from onnxshap.lower.lowered import LoweredModel
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -34,11 +35,15 @@ class Scaled:
     Rescales and tiled max-pools only multiply by per-pair factors (n·m elements per feature, not n·m·k), so
     a chain of them multiplies the factors and touches the n·m·k-row base once, when a rule needs the
     multiplier itself (:meth:`PairContext.materialize`).
+
+    With ``tiles`` (a tiled max-pool), ``base`` is the per-window multiplier of the pool's output; the product
+    copies it to the windows' elements of ``like`` on the way (:meth:`Tiles.times`), never materialised alone.
     """
 
     base: ir.Value
     factor: ir.Value
     like: ir.Value
+    tiles: Tiles | None = None
 
 
 Multiplier = ir.Value | Scaled
@@ -134,15 +139,11 @@ class PairContext:
 
     def x(self, value: ir.Value) -> ir.Value:
         """The sample side (n rows) of a variable tensor; a constant tensor is its own."""
-        if not self.is_variable(value):
-            return self.const(value)
-        return self._cached(("x", value.name), lambda: self.split_rows(value)[0])
+        return self.side(value, "x")
 
     def r(self, value: ir.Value) -> ir.Value:
         """The reference side (m rows) of a variable tensor; a constant tensor is its own."""
-        if not self.is_variable(value):
-            return self.const(value)
-        return self._cached(("r", value.name), lambda: self.split_rows(value)[1])
+        return self.side(value, "r")
 
     def split_rows(self, stacked: ir.Value, like: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
         """``(x, r)``: the sample rows (the first n) and the reference rows (the other m) of a tensor computed
@@ -190,7 +191,9 @@ class PairContext:
 
     def side(self, value: ir.Value, which: str) -> ir.Value:
         """``x(value)`` or ``r(value)`` by name of the side ("x" or "r")."""
-        return self.x(value) if which == "x" else self.r(value)
+        if not self.is_variable(value):
+            return self.const(value)
+        return self._cached((which, value.name), lambda: self.split_rows(value)["xr".index(which)])
 
     def pair_x(self, value: ir.Value) -> ir.Value:
         """Sample values broadcastable against an expanded tensor: (n, 1, 1) at the batch position."""
@@ -339,15 +342,18 @@ class PairContext:
         """``multiplier`` of ``out`` times a per-pair ``factor`` (expanded, k = 1), kept lazy."""
         if isinstance(multiplier, Scaled):
             combined = self.build.op("Mul", [multiplier.factor, factor], hint="combined_factor")
-            return Scaled(multiplier.base, combined, out)
+            return replace(multiplier, factor=combined, like=out)
         return Scaled(multiplier, factor, out)
 
     def materialize(self, multiplier: Multiplier | None) -> ir.Value | None:
         """The P-form tensor of a multiplier (applies a pending per-pair factor)."""
         if not isinstance(multiplier, Scaled):
             return multiplier
-        like = multiplier.like
-        product = self.build.op("Mul", [self.expand(multiplier.base, like), multiplier.factor], hint="scaled")
+        like, tiles = multiplier.like, multiplier.tiles
+        if tiles is None:
+            product = self.build.op("Mul", [self.expand(multiplier.base, like), multiplier.factor], hint="scaled")
+        else:
+            product = tiles.times(self.build, self.expand(multiplier.base, tiles.source), multiplier.factor)
         return self.collapse(product, like, remember=True)  # the factor is per pair: the base's shape
 
     def add(self, a: Multiplier | None, b: Multiplier | None) -> Multiplier | None:
@@ -361,7 +367,7 @@ class PairContext:
         broadcast axes (a lazy multiplier stays lazy when nothing was broadcast)."""
         out_shape, in_shape = self.shape(out), self.shape(into)
         if out_shape == in_shape and self.batch_axis(out) == self.batch_axis(into):
-            return Scaled(multiplier.base, multiplier.factor, into) if isinstance(multiplier, Scaled) else multiplier
+            return replace(multiplier, like=into) if isinstance(multiplier, Scaled) else multiplier
         multiplier = self.materialize(multiplier)
         b = self.batch_axis(out)
         padded = (1,) * (len(out_shape) - len(in_shape)) + tuple(in_shape)

@@ -16,10 +16,10 @@ in small units.
 For min-type ops ``c = min(z_x, z_r)`` and the argmin; the same formulas hold.
 
 MaxPool windows that tile the input (stride = kernel, the common case) are a reshape of it, so the routing
-weights and ``1/Δa`` combine per pair and the multiplier is touched once. General windows are gathered with a
-depthwise Conv whose kernel is the identity over window positions (im2col) and routed back with the matching
-ConvTranspose (col2im), which sums overlapping windows. In both, the one-hot marks the first maximum of each
-window (ArgMax picks the first, like MaxPool's Indices).
+weights and ``1/Δa`` combine per pair, and the multiplier is copied to its windows and scaled in one pass
+(``graph/tiles.py``). General windows are gathered with a depthwise Conv whose kernel is the identity over window
+positions (im2col) and routed back with the matching ConvTranspose (col2im), which sums overlapping windows. In
+both, the one-hot marks the first maximum of each window (ArgMax picks the first, like MaxPool's Indices).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshap.graph.edit import op_attr
+from onnxshap.graph.tiles import Tiles
 from onnxshap.graph.windows import window_of
-from onnxshap.pairs import PairContext
+from onnxshap.pairs import PairContext, Scaled
 from onnxshap.rules.elementwise import nonzero
 from onnxshap.rules.linear import reduce_axes, reduce_check
 from onnxshap.rules.table import Family, rule
@@ -93,27 +94,21 @@ def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir
     """Windows that tile the input (stride = kernel, no pads): windows are a reshape of the input.
 
     Every input element lies in at most one window, so the routing weights and ``1/Δa`` combine into one
-    per-pair factor in the input's layout; the multiplier is copied to its window's elements by a depthwise
-    ConvTranspose with a kernel of ones (stride = kernel; elements floor mode drops get zero) and scaled once.
-    Measured on 2 cores, (2 000, 32, 13, 13) → 26 × 26 and the Mul after it: this beats rearranging the
-    multiplier (Transpose, DepthToSpace) by 3×, and a broadcast Mul in the window-grouped layout (an inner span
-    of 2 elements) by 3.5×. A nearest Resize copies faster (~45 against ~85 ms: ONNX Runtime runs it as its
-    blocked Upsample) but its layout reorders raised the peak memory of a k = 10 CNN call by 55 %.
+    per-pair factor in the input's layout, and the multiplier is copied to its window's elements and scaled by
+    it in one pass when it is needed (:class:`onnxshap.graph.tiles.Tiles`; elements floor mode drops get zero).
+    The routing weights reach their windows' elements the same way, times each side's first-max one-hot.
     """
     e = ctx.build
     a, z = node.inputs[0], node.outputs[0]
     kernel = list(op_attr(node, "kernel_shape"))
     spatial = len(kernel)
     channels, in_size, out_size = ctx.shape(a)[1], list(ctx.shape(a)[2:]), list(ctx.shape(z)[2:])
-    covered = [o * k for o, k in zip(out_size, kernel)]
+    tiles = Tiles(z, channels, tuple(kernel), tuple(out_size), tuple(in_size))
+    covered = tiles.covered
     leftover = [s - c for s, c in zip(in_size, covered)]
     interleaved = [d for o, k in zip(out_size, kernel) for d in (o, k)]
     grouped = [0, 1] + [2 + 2 * i for i in range(spatial)] + [3 + 2 * i for i in range(spatial)]
     window = int(np.prod(kernel))
-    ones = e.const(np.ones((channels, 1, *kernel), np.float32), "window_ones")
-    spread_attrs = {"group": channels, "strides": kernel}
-    if any(leftover):
-        spread_attrs["output_padding"] = leftover
 
     def first_max_onehot(side: str) -> ir.Value:  # (rows, C, *in_size), 1 at each window's first max
         value = ctx.side(a, side)
@@ -130,18 +125,10 @@ def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir
             onehot = e.op("Pad", [onehot, e.ints([0, 0] + [0] * spatial + [0, 0] + leftover)])
         return onehot
 
-    def spread(value: ir.Value) -> ir.Value:  # copy each window value to its elements: (rows, C, *in_size)
-        return e.op("ConvTranspose", [value, ones], spread_attrs, hint="spread")
-
     to_x, to_r = _cross_weights(ctx, z, minimum=False)  # (n, m, 1, C, *out_size)
-    flat_pairs = [-1, channels] + out_size
-    full_pairs = ctx.shape_with_pairs([], [1, channels] + in_size, k=False)
-    to_x = e.reshape(spread(e.reshape(to_x, flat_pairs)), full_pairs)
-    to_r = e.reshape(spread(e.reshape(to_r, flat_pairs)), full_pairs)
-    routed = e.op("Add", [e.op("Mul", [to_x, e.unsqueeze(first_max_onehot("x"), [1, 2])]),
-                          e.op("Mul", [to_r, e.unsqueeze(first_max_onehot("r"), [0, 2])])])
-    factor = _per_delta(ctx, routed, a)
-    return ctx.scale(spread(multiplier), factor, a)
+    routed = e.op("Add", [tiles.times(e, to_x, e.unsqueeze(first_max_onehot("x"), [1, 2])),
+                          tiles.times(e, to_r, e.unsqueeze(first_max_onehot("r"), [0, 2]))])
+    return Scaled(multiplier, _per_delta(ctx, routed, a), a, tiles)  # copied to the windows when needed
 
 
 def column_elements(ctx: PairContext, node: ir.Node) -> int:
