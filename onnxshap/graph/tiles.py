@@ -53,9 +53,10 @@ class Tiles:
     def covered(self) -> list[int]:
         return [o * k for o, k in zip(self.out_size, self.kernel)]
 
-    def _leading_leftover(self) -> list[int]:
-        """Leftover elements on every axis but the last (the copy matrix handles the last one)."""
-        return [s - c for s, c in zip(self.in_size[:-1], self.covered[:-1])]
+    @property
+    def leftover(self) -> list[int]:
+        """Elements past the last window on each axis (floor mode drops them)."""
+        return [s - c for s, c in zip(self.in_size, self.covered)]
 
     def _copy_last_axis(self, b: Builder, small: ir.Value) -> ir.Value:
         out, size, k = self.out_size[-1], self.in_size[-1], self.kernel[-1]
@@ -73,7 +74,7 @@ class Tiles:
         inner, windows = self.out_size[:-1], self.kernel[:-1]
         grouped = [d for o in inner for d in (o, 1)]
         spread = b.reshape(self._copy_last_axis(b, small), leading + [self.channels, *grouped, self.in_size[-1]])
-        leftover = self._leading_leftover()
+        leftover = self.leftover[:-1]  # the copy matrix's zero columns handle the last axis
         if any(leftover):
             axes = list(range(LEADING + 1, LEADING + len(self.in_size)))
             big = b.slice(big, [0] * len(axes), self.covered[:-1], axes)

@@ -104,8 +104,7 @@ def _tiled_max_pool(ctx: PairContext, node: ir.Node, multiplier: ir.Value) -> ir
     spatial = len(kernel)
     channels, in_size, out_size = ctx.shape(a)[1], list(ctx.shape(a)[2:]), list(ctx.shape(z)[2:])
     tiles = Tiles(z, channels, tuple(kernel), tuple(out_size), tuple(in_size))
-    covered = tiles.covered
-    leftover = [s - c for s, c in zip(in_size, covered)]
+    covered, leftover = tiles.covered, tiles.leftover
     interleaved = [d for o, k in zip(out_size, kernel) for d in (o, k)]
     grouped = [0, 1] + [2 + 2 * i for i in range(spatial)] + [3 + 2 * i for i in range(spatial)]
     window = int(np.prod(kernel))
